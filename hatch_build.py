@@ -48,7 +48,7 @@ class OverlayBuildHook(BuildHookInterface):
             wheel = self._upstream_wheel()
             self._check_dependencies(wheel)
             stage = self._tmp / "stage"
-            overlaid = self._stage(wheel, stage)
+            self._stage(wheel, stage)
         except BaseException:
             self._cleanup()
             raise
@@ -117,7 +117,7 @@ class OverlayBuildHook(BuildHookInterface):
                 f"  ours:     {sorted(ours)}"
             )
 
-    def _stage(self, wheel: Path, stage: Path) -> list[str]:
+    def _stage(self, wheel: Path, stage: Path) -> None:
         with zipfile.ZipFile(wheel) as archive:
             for name in archive.namelist():
                 if name.startswith("equinox/"):
@@ -156,7 +156,6 @@ class OverlayBuildHook(BuildHookInterface):
             )
             + "\n"
         )
-        return list(record)
 
 
 def _normalise(requirements: list[str]) -> set[tuple[str, ...]]:

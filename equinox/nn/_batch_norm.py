@@ -1,3 +1,4 @@
+import sys
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import Literal, NamedTuple, TypeAlias
@@ -198,7 +199,7 @@ def _batch_moments(x: Array, axis_name: Hashable | Sequence[Hashable]) -> _Batch
     channelwise = (slice(None),) + (None,) * len(spatial)
     mean = lax.pmean(jnp.mean(x, axis=spatial), axis_name)
     centred = x - mean[channelwise]
-    squares = (centred * jnp.conj(centred)).real
+    squares = (centred * jnp.conj(centred)).real.astype(x.dtype)
     var = lax.pmean(jnp.mean(squares, axis=spatial), axis_name)
     count = lax.psum(1, axis_name) * (x.size // x.shape[0])
     unbiased_var = var * (count / max(count - 1, 1))
@@ -327,9 +328,9 @@ class BatchNorm(StatefulLayer):
         momentum: float = 0.99,
         inference: bool = False,
         dtype=None,
-        mode: Literal["ema", "batch"] | None = None,
+        mode: str | None = None,
         *,
-        approach: Approach | None = None,
+        approach: str | None = None,
         r_max: float | None = None,
         d_max: float | None = None,
         warmup: int | None = None,
@@ -426,7 +427,8 @@ class BatchNorm(StatefulLayer):
             warmup = 0
 
         dtype = default_floating_dtype() if dtype is None else dtype
-        state_dtype = jnp.promote_types(dtype, jnp.float32)
+        with jax.numpy_dtype_promotion("standard"):
+            state_dtype = jnp.promote_types(dtype, jnp.float32)
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype=dtype)
             self.bias = jnp.zeros((input_size,), dtype=dtype)
@@ -557,7 +559,7 @@ class BatchNorm(StatefulLayer):
             affine, running = _ema_legacy(
                 batch, running, first_time, self.momentum, self.eps
             )
-            state = state.set(self.ema_first_time_index, jnp.array(False))
+            state = state.set(self.ema_first_time_index, jnp.zeros_like(first_time))
             return affine, state.set(self.ema_state_index, _cast(running, stored))
         assert self.batch_counter is not None and self.batch_state_index is not None
         step = state.get(self.batch_counter) + 1
@@ -598,7 +600,7 @@ class BatchNorm(StatefulLayer):
 
 
 def _momentum(layer: BatchNorm, dtype) -> Array:
-    return jnp.asarray(layer.momentum, dtype=jnp.finfo(dtype).dtype)
+    return jnp.asarray(layer.momentum, dtype=dtype)
 
 
 def _cast(stats: _Stats, like) -> _Stats:
@@ -623,15 +625,7 @@ def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
             )
         return mode  # pyright: ignore
     if approach is None:
-        warnings.warn(
-            "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to "
-            "the legacy 'ema' approach (the same as `mode='ema'`), which normalises "
-            "the training forward pass with running statistics and often trains "
-            "poorly (equinox issue #659). Pass `approach=` explicitly, one of "
-            f"{', '.join(repr(a) for a in _APPROACHES)}; '{_RECOMMENDED}' is "
-            f"recommended for new code. See {_GUIDE} for how to choose.",
-            stacklevel=3,
-        )
+        _warn_approach_unset()
         return "ema"
     if approach not in _APPROACHES:
         raise ValueError(
@@ -639,6 +633,26 @@ def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
             f"{', '.join(repr(a) for a in _APPROACHES)}."
         )
     return approach  # pyright: ignore
+
+
+def _warn_approach_unset() -> None:
+    # Attribute the warning to the first frame outside Equinox (and outside the
+    # runtime type-checkers that may wrap its functions): the user's code.
+    internal = ("equinox", "jaxtyping", "beartype")
+    frame, level = sys._getframe(), 1
+    while frame is not None and (
+        str(frame.f_globals.get("__name__", "")).split(".")[0] in internal
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to "
+        "the legacy 'ema' approach (the same as `mode='ema'`), which normalises "
+        "the training forward pass with running statistics and often trains "
+        "poorly (equinox issue #659). Pass `approach=` explicitly, one of "
+        f"{', '.join(repr(a) for a in _APPROACHES)}; '{_RECOMMENDED}' is "
+        f"recommended for new code. See {_GUIDE} for how to choose.",
+        stacklevel=level,
+    )
 
 
 def _option_error(option: str, owner: str, approach: str) -> str:
@@ -673,4 +687,3 @@ def _check_options(
             raise ValueError(
                 f"`BatchNorm({name}=...)` must be at least {lower}, but got {value!r}."
             )
-
