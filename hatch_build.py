@@ -43,11 +43,11 @@ class OverlayBuildHook(BuildHookInterface):
                 "install cannot express. Run `pip install --no-deps .` instead (again "
                 "after each edit)."
             )
-        self._tmp = Path(tempfile.mkdtemp(prefix="equinox-overlay-"))
+        self._tmp = tmp = Path(tempfile.mkdtemp(prefix="equinox-overlay-"))
         try:
-            wheel = self._upstream_wheel()
+            wheel = self._upstream_wheel(tmp)
             self._check_dependencies(wheel)
-            stage = self._tmp / "stage"
+            stage = tmp / "stage"
             self._stage(wheel, stage)
         except BaseException:
             self._cleanup()
@@ -68,14 +68,14 @@ class OverlayBuildHook(BuildHookInterface):
             shutil.rmtree(tmp, ignore_errors=True)
             self._tmp = None
 
-    def _upstream_wheel(self) -> Path:
+    def _upstream_wheel(self, tmp: Path) -> Path:
         local = os.environ.get(UPSTREAM_ENV)
         if local:
             wheel = Path(local).expanduser().resolve()
             if not wheel.is_file():
                 raise RuntimeError(f"${UPSTREAM_ENV}={local} is not a file.")
         else:
-            download = self._tmp / "download"
+            download = tmp / "download"
             command = [
                 sys.executable,
                 "-m",
