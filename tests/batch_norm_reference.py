@@ -78,8 +78,10 @@ def training_output(
             return normalise(x, mean_b, var_b, eps)
         mean_r, var_r = inference_stats(approach, batches[:-1], momentum)
         std_b, std_r = np.sqrt(var_b + eps), np.sqrt(var_r + eps)
-        r = np.clip(std_b / std_r, 1 / r_max, r_max)
-        d = np.clip((mean_b - mean_r) / std_r, -d_max, d_max)
+        t = min(1.0, (k - 1) / warmup) if warmup > 0 else 1.0
+        r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
+        r = np.clip(std_b / std_r, 1 / r_bound, r_bound)
+        d = np.clip((mean_b - mean_r) / std_r, -d_bound, d_bound)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         return normalise(x, mean_b, var_b, eps) * r.reshape(shape) + d.reshape(shape)
     if approach in ("ema", "ema_debiased"):

@@ -179,7 +179,8 @@ def test_training_output_follows_the_approach_formula(
     """The training output at every step equals the approach's formula, computed in
     float64 from the whole sequence of batches."""
     xs = data.draw(batches(count=steps))
-    kwargs = {"warmup": warmup} if approach == "ema_smooth_start" else {}
+    takes_warmup = approach in ("batch_renorm", "ema_smooth_start")
+    kwargs = {"warmup": warmup} if takes_warmup else {}
     layer, state = make(approach, xs[0].shape[1], momentum=momentum, **kwargs)
     for k in range(1, steps + 1):
         out, state = run(layer, xs[k - 1], state)
@@ -195,7 +196,12 @@ def test_unclipped_batch_renorm_trains_like_it_infers(momentum, steps, data):
     step. (The first step uses r = 1, d = 0: plain batch statistics.)"""
     xs = data.draw(batches(count=steps))
     layer, state = make(
-        "batch_renorm", xs[0].shape[1], momentum=momentum, r_max=1e6, d_max=1e6
+        "batch_renorm",
+        xs[0].shape[1],
+        momentum=momentum,
+        r_max=1e6,
+        d_max=1e6,
+        warmup=0,
     )
     _, state = train(layer, xs[:-1], state)
     before, _ = run(layer, xs[-1], state, inference=True)
@@ -213,12 +219,13 @@ def test_unclipped_batch_renorm_trains_like_it_infers(momentum, steps, data):
 def test_ema_family_trains_like_it_infers_after_the_update(
     approach, momentum, steps, data
 ):
-    """ "ema" and "ema_debiased" normalise the training batch with exactly the
-    statistics that inference uses after that step's update."""
+    """The "ema" and "ema_debiased" approaches normalise the training batch with
+    exactly the statistics that inference uses after that step's update."""
     xs = data.draw(batches(count=steps))
     layer, state = make(approach, xs[0].shape[1], momentum=momentum)
     out, state = train(layer, xs, state)
     after, _ = run(layer, xs[-1], state, inference=True)
+    assert out is not None
     np.testing.assert_allclose(out, after, rtol=1e-5, atol=1e-5)
 
 
