@@ -356,7 +356,12 @@ def test_batch_renorm_corrections_carry_no_gradient(momentum, data, seed):
     scaled by r per channel: r and d act as constants."""
     first, second = data.draw(batches(count=2, few_shapes=True))
     layer, state = make(
-        "batch_renorm", first.shape[1], momentum=momentum, r_max=1.5, d_max=0.5
+        "batch_renorm",
+        first.shape[1],
+        momentum=momentum,
+        r_max=1.5,
+        d_max=0.5,
+        warmup=0,
     )
     _, state = run(layer, first, state)
     weights = jnp.asarray(
