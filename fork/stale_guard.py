@@ -42,7 +42,7 @@ def stale_install_reason(
     if installed is None:
         return f"equinox is not installed: {FIX}."
     installed = installed.resolve()
-    if installed == checkout / "equinox" or checkout in installed.parents:
+    if installed == checkout / "equinox":
         return (
             f"equinox is imported from the checkout ({installed}), which shadows the "
             f"installed wheel: remove any equinox/__init__.py there and {FIX}."

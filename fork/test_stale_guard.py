@@ -60,6 +60,14 @@ def test_new_overlay_file_missing_from_install_is_reported(checkout, tmp_path):
     assert reason is not None and "equinox/nn/_extra.py" in reason
 
 
+def test_virtual_environment_inside_the_checkout_passes(checkout):
+    """`.venv/` inside the checkout (as the README's commands make it) is fine."""
+    site = checkout / ".venv" / "lib" / "site-packages" / "equinox"
+    (site / "nn").mkdir(parents=True)
+    (site / "nn" / "_batch_norm.py").write_text("fork = True\n")
+    assert stale_install_reason(checkout, site, "0.13.8+batchnorm.1") is None
+
+
 def test_checkout_shadowing_the_install_is_reported(checkout):
     reason = stale_install_reason(checkout, checkout / "equinox", "0.13.8+batchnorm.1")
     assert reason is not None and "shadows" in reason
