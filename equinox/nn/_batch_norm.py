@@ -95,7 +95,7 @@ def _warmup_fraction(step: Array, warmup: int, dtype) -> Array:
 
 
 def _batch(
-    batch: _BatchMoments, hidden: _Stats, step: Array, momentum: Array, eps: float
+    batch: _BatchMoments, hidden: _Stats, momentum: Array, eps: float
 ) -> tuple[_Affine, _Stats]:
     """`"batch"`: normalise with the batch statistics; accumulate the batch mean and
     the unbiased batch variance for inference.
@@ -103,7 +103,6 @@ def _batch(
     $y = (x - \\mu_B) / \\sqrt{\\sigma^2_B + \\varepsilon}$, and
     $h \\leftarrow m h + (1 - m) (\\mu_B, \\tfrac{n}{n-1}\\sigma^2_B)$.
     """
-    del step
     affine = _Affine(lax.rsqrt(batch.var + eps), jnp.zeros_like(batch.mean))
     return affine, _ema_step(hidden, (batch.mean, batch.unbiased_var), momentum)
 
@@ -593,7 +592,7 @@ class BatchNorm(StatefulLayer):
         hidden = _cast(stored, dtype)
         momentum = _momentum(self, dtype)
         if self.approach == "batch":
-            affine, hidden = _batch(batch, hidden, step, momentum, self.eps)
+            affine, hidden = _batch(batch, hidden, momentum, self.eps)
         elif self.approach == "batch_renorm":
             assert self.r_max is not None and self.d_max is not None
             assert self.warmup is not None
