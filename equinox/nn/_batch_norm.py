@@ -28,6 +28,7 @@ _APPROACHES: tuple[Approach, ...] = (
 _RECOMMENDED: Approach = "batch_renorm"
 _GUIDE = "https://docs.kidger.site/equinox/api/nn/batch_norm_approaches/"
 _Stats: TypeAlias = tuple[Array, Array]
+AxisName: TypeAlias = Hashable | Sequence[Hashable]
 # Steps over which "batch_renorm" relaxes its bounds from plain batch normalisation:
 # without it, r reaches r_max while activations still drift quickly early in training,
 # and the gradient norm peaks ~1.4x higher than "batch"'s (see the guide).
@@ -206,7 +207,7 @@ def _ema_legacy(
     return _standardise(batch.mean, mean, var, eps), (mean, var)
 
 
-def _batch_moments(x: Array, axis_name: Hashable | Sequence[Hashable]) -> _BatchMoments:
+def _batch_moments(x: Array, axis_name: AxisName) -> _BatchMoments:
     """Per-channel mean and variance of `x` over its spatial axes and the named axes.
 
     Two passes (mean, then mean squared deviation), which stays accurate when the
@@ -328,7 +329,7 @@ class BatchNorm(StatefulLayer):
         None
         | StateIndex[tuple[Inexact[Array, "input_size"], Inexact[Array, "input_size"]]]
     )
-    axis_name: Hashable | Sequence[Hashable]
+    axis_name: AxisName
     inference: bool
     input_size: int = field(static=True)
     eps: float = field(static=True)
@@ -342,7 +343,7 @@ class BatchNorm(StatefulLayer):
     def __init__(
         self,
         input_size: int,
-        axis_name: Hashable | Sequence[Hashable],
+        axis_name: AxisName,
         eps: float = 1e-5,
         channelwise_affine: bool = True,
         momentum: float = 0.99,
@@ -454,12 +455,8 @@ class BatchNorm(StatefulLayer):
         dtype = default_floating_dtype() if dtype is None else dtype
         with jax.numpy_dtype_promotion("standard"):
             state_dtype = jnp.promote_types(dtype, jnp.float32)
-        if channelwise_affine:
-            self.weight = jnp.ones((input_size,), dtype=dtype)
-            self.bias = jnp.zeros((input_size,), dtype=dtype)
-        else:
-            self.weight = None
-            self.bias = None
+        self.weight = jnp.ones(input_size, dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(input_size, dtype) if channelwise_affine else None
         zeros = jnp.zeros((input_size,), dtype=state_dtype)
         if approach == "ema":
             # 0.13 layout: a first-step flag and the running (mean, var).
@@ -502,14 +499,16 @@ class BatchNorm(StatefulLayer):
     ) -> tuple[Array, State]:
         """**Arguments:**
 
-        - `x`: A JAX array of shape `(input_size, dim_1, ..., dim_N)`.
-        - `state`: An [`equinox.nn.State`][] object (which is used to store the
-            running statistics).
-        - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
-            (Keyword only argument.)
-        - `inference`: As per [`equinox.nn.BatchNorm.__init__`][]. If
-            `True` or `False` then it will take priority over `self.inference`. If
-            `None` then the value from `self.inference` will be used.
+        - `x`: One example: an array of shape `(input_size, *spatial)`, with any
+            number (including zero) of spatial dimensions. Call the layer under
+            `vmap` (or `pmap`/`shard_map`) over the batch.
+        - `state`: The [`equinox.nn.State`][] holding this layer's running
+            statistics.
+        - `key`: Unused. Accepted so that every Equinox layer can be called alike.
+            (Keyword only.)
+        - `inference`: Overrides `self.inference` for this call when `True` or
+            `False` (see [`equinox.nn.BatchNorm.__init__`][]); `None` keeps
+            `self.inference`. (Keyword only.)
 
         **Returns:**
 
