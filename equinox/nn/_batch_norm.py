@@ -514,14 +514,14 @@ class BatchNorm(StatefulLayer):
 
         A 2-tuple of:
 
-        - A JAX array of shape `(input_size, dim_1, ..., dim_N)`, with the dtype of
-            `x`. Statistics are computed in at least float32, so half-precision inputs
-            do not overflow.
-        - An updated state object (storing the updated running statistics).
+        - The normalised array, with the shape and dtype of `x`. Statistics are
+            computed in at least float32, so half-precision inputs do not overflow.
+        - The updated state (unchanged in inference).
 
         A single value per channel in training (one example, no spatial dimensions)
-        is allowed: it normalises to `0 * weight + bias` and accumulates a variance of
-        zero.
+        is allowed: its variance is zero, so the approaches that normalise with batch
+        statistics output `bias`, and the variance accumulated is zero (not divided
+        by `n - 1 = 0`).
 
         **Raises:**
 
@@ -564,8 +564,7 @@ class BatchNorm(StatefulLayer):
         if self.ema_state_index is not None:
             assert self.ema_first_time_index is not None
             first_time = state.get(self.ema_first_time_index)
-            running = _cast(state.get(self.ema_state_index), dtype)
-            mean, var = running
+            mean, var = _cast(state.get(self.ema_state_index), dtype)
             return jnp.where(first_time, 0, mean), jnp.where(first_time, 1, var)
         assert self.batch_counter is not None and self.batch_state_index is not None
         step = state.get(self.batch_counter)
