@@ -471,8 +471,8 @@ def test_debiased_running_mean_equals_haiku_ema(xs, momentum):
             {}, ema_state, None, jnp.asarray(moments(x)[0], jnp.float32)
         )
         _, state = run(layer, x, state)
-    # Inference on a batch of zeros with unit variance reads off -mean / std; use
-    # an input of zeros and ones to recover the mean: out(0) = -mean * inv_std.
+    # With eps=0 and no affine, inference is (x - mean) * inv_std: inputs of all 0
+    # and all 1 give inv_std = out(1) - out(0) and mean = -out(0) / inv_std.
     probe = np.zeros_like(xs[0])
     zero_out, _ = run(layer, probe, state, inference=True)
     one_out, _ = run(layer, probe + 1, state, inference=True)

@@ -65,7 +65,9 @@ def _ema_step(running: _Stats, new: _Stats, momentum: Array) -> _Stats:
     return tuple(momentum * r + (1 - momentum) * n for r, n in zip(running, new))  # pyright: ignore
 
 
-def _debiased(hidden: _Stats, seed: _Stats, step: Array, momentum: Array) -> _Stats:
+def _debiased(
+    hidden: _Stats, step: Array, momentum: Array, var_seed: float = 0.0
+) -> _Stats:
     """Exactly debiased running statistics after `step` updates.
 
     An accumulator started at `seed` and updated `k` times with `_ema_step` holds
@@ -74,16 +76,19 @@ def _debiased(hidden: _Stats, seed: _Stats, step: Array, momentum: Array) -> _St
 
     `(hidden - m**k * seed) / (1 - m**k)`
 
-    is their exactly weighted average. Before any update (`k == 0`) this returns mean
-    0 and variance 1. `1 - m**k` is evaluated as `-expm1(k log m)` so that it keeps
-    full relative precision for momentum near 1.
+    is their exactly weighted average. The mean accumulator always starts at 0; the
+    variance accumulator at `var_seed` (1 only for "batch", the 0.13 layout).
+    Before any update (`k == 0`) this returns mean 0 and variance 1. `1 - m**k` is
+    evaluated as `-expm1(k log m)` so that it keeps full relative precision for
+    momentum near 1.
     """
     k = step.astype(momentum.dtype)
     log_m = jnp.log(momentum)
     decay = jnp.exp(k * log_m)
     trained = step > 0
     weight = jnp.where(trained, -jnp.expm1(k * log_m), 1)
-    mean, var = ((h - decay * s) / weight for h, s in zip(hidden, seed))
+    mean, var = hidden
+    mean, var = mean / weight, (var - decay * var_seed) / weight
     return jnp.where(trained, mean, 0), jnp.where(trained, var, 1)
 
 
@@ -114,7 +119,6 @@ def _batch_renorm(
     step: Array,
     momentum: Array,
     eps: float,
-    seed: _Stats,
     r_max: float,
     d_max: float,
     warmup: int,
@@ -133,7 +137,7 @@ def _batch_renorm(
     $y = (x - \\mu) / \\sqrt{\\sigma^2 + \\varepsilon}$: the inference output.
     Accumulates like `"batch"`.
     """
-    mean, var = _debiased(hidden, seed, step - 1, momentum)
+    mean, var = _debiased(hidden, step - 1, momentum)
     batch_std = jnp.sqrt(batch.var + eps)
     running_std = jnp.sqrt(var + eps)
     t = _warmup_fraction(step, warmup, var.dtype)
@@ -154,13 +158,12 @@ def _ema_debiased(
     step: Array,
     momentum: Array,
     eps: float,
-    seed: _Stats,
 ) -> tuple[_Affine, _Stats]:
     """`"ema_debiased"` (Adam-style): normalise with the zero-initialised EMA of the
     batch statistics $h_k$, divided by $1 - m^k$ after the $k$-th update.
     """
     hidden = _ema_step(hidden, (batch.mean, batch.var), momentum)
-    mean, var = _debiased(hidden, seed, step, momentum)
+    mean, var = _debiased(hidden, step, momentum)
     return _standardise(batch.mean, mean, var, eps), hidden
 
 
@@ -467,11 +470,11 @@ class BatchNorm(StatefulLayer):
         else:
             # A step counter and the EMA accumulators for (mean, var). "batch" keeps
             # 0.13's start of (0, 1); the others start at zero.
-            seed_var = jnp.ones_like(zeros) if approach == "batch" else zeros
+            var_seed = jnp.full_like(zeros, _var_seed(approach))
             self.ema_first_time_index = None
             self.ema_state_index = None
             self.batch_counter = StateIndex(jnp.array(0))
-            self.batch_state_index = StateIndex((zeros, seed_var))
+            self.batch_state_index = StateIndex((zeros, var_seed))
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -569,7 +572,8 @@ class BatchNorm(StatefulLayer):
         assert self.batch_counter is not None and self.batch_state_index is not None
         step = state.get(self.batch_counter)
         hidden = _cast(state.get(self.batch_state_index), dtype)
-        return _debiased(hidden, self._seed(dtype), step, _momentum(self, dtype))
+        momentum = _momentum(self, dtype)
+        return _debiased(hidden, step, momentum, _var_seed(self.approach))
 
     def _training_step(
         self, batch: _BatchMoments, state: State, dtype
@@ -600,15 +604,12 @@ class BatchNorm(StatefulLayer):
                 step,
                 momentum,
                 self.eps,
-                self._seed(dtype),
                 self.r_max,
                 self.d_max,
                 self.warmup,
             )
         elif self.approach == "ema_debiased":
-            affine, hidden = _ema_debiased(
-                batch, hidden, step, momentum, self.eps, self._seed(dtype)
-            )
+            affine, hidden = _ema_debiased(batch, hidden, step, momentum, self.eps)
         else:
             assert self.warmup is not None
             affine, hidden = _ema_smooth_start(
@@ -617,11 +618,11 @@ class BatchNorm(StatefulLayer):
         state = state.set(self.batch_counter, step)
         return affine, state.set(self.batch_state_index, _cast(hidden, stored))
 
-    def _seed(self, dtype) -> _Stats:
-        """The accumulators' starting value: (0, 1) for "batch" (the 0.13 layout),
-        (0, 0) otherwise."""
-        zero = jnp.zeros((self.input_size,), dtype)
-        return zero, (zero + 1 if self.approach == "batch" else zero)
+
+def _var_seed(approach: Approach) -> float:
+    """The variance accumulator's starting value: 1 for "batch" (the 0.13 layout,
+    kept so that 0.13 checkpoints load), 0 for the others."""
+    return 1.0 if approach == "batch" else 0.0
 
 
 def _momentum(layer: BatchNorm, dtype) -> Array:
