@@ -1,20 +1,58 @@
-"""Independent float64 NumPy reference for `eqx.nn.BatchNorm`'s approaches.
+"""Helpers for the `eqx.nn.BatchNorm` tests.
 
-Written from the formulas in the layer's documentation, as closed forms over the whole
-sequence of batches (not as the layer's step-by-step recursion), and never calling the
-layer. Batches have shape `(batch, channels, *spatial)`.
+`make` and `run` build and call the layer as a user would. Everything else is an
+independent float64 NumPy reference, written from the formulas in the layer's
+docstring as closed forms over the whole sequence of batches (not as the layer's
+step-by-step recursion); it never calls the layer. Batches have shape
+`(batch, channels, *spatial)`.
 """
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 APPROACHES = ("batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start")
-# Approaches whose running statistics accumulate the unbiased batch variance.
-UNBIASED = ("batch", "batch_renorm")
+# The approaches whose running averages are exactly debiased.
+DEBIASED = ("batch", "batch_renorm", "ema_debiased", "ema_smooth_start")
+EPS32 = float(np.finfo(np.float32).eps)
 
 
-def moments(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel mean, biased variance and unbiased variance of one batch."""
+def spelling(approach):
+    """The `BatchNorm` keyword for an approach; `"mode=batch"` means `mode="batch"`."""
+    return dict(mode="batch") if approach == "mode=batch" else dict(approach=approach)
+
+
+def make(approach="batch", channels=3, axis_name="batch", **kwargs):
+    """A `BatchNorm` and its state."""
+    return eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        channels, axis_name, **spelling(approach), **kwargs
+    )
+
+
+def run(layer, x, state, inference=False, axis_name="batch"):
+    """Calls `layer` on a batch, under `vmap` with the batch axis named."""
+    if inference:
+        layer = eqx.nn.inference_mode(layer)
+    batched = jax.vmap(
+        layer, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None)
+    )
+    return batched(jnp.asarray(x), state)
+
+
+def tolerance(momentum, steps, mean=0.0, var=1.0):
+    """Float32 tolerance on normalised outputs: about eps of rounding per effective
+    step of the running average, amplified by |mean| / std when the mean is
+    subtracted."""
+    effective = min(steps, 1 / (1 - momentum)) if steps > 0 else 1
+    amplification = 1 + np.max(np.abs(mean)) / np.sqrt(np.min(var) + 1e-5)
+    return 16 * EPS32 * effective * amplification
+
+
+def moments(x):
+    """Per-channel mean, biased variance and unbiased variance of one batch, with `n`
+    counting every value reduced per channel."""
     x = np.asarray(x, dtype=np.float64)
     axes = (0,) + tuple(range(2, x.ndim))
     n = x.size // x.shape[1]
@@ -23,78 +61,72 @@ def moments(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, var, var * n / max(n - 1, 1)
 
 
-def ema_weights(k: int, momentum: float, approach: str) -> np.ndarray:
-    """The weight of batch i = 1..k in the running statistics after k steps."""
-    m = momentum
+def weights(approach, k, momentum):
+    """The weight of batch i = 1..k in the running averages after k steps."""
+    m = float(np.float32(momentum))  # the momentum as the layer holds it
     i = np.arange(1, k + 1)
     if approach == "ema":
         # r_1 = b_1; r_j = m r_{j-1} + (1 - m) b_j.
-        weights = (1 - m) * m ** (k - i)
-        weights[0] = m ** (k - 1)
-        return weights
-    # Debiased: (1 - m) m^(k - i) / (1 - m^k).
+        w = (1 - m) * m ** (k - i)
+        w[0] = m ** (k - 1)
+        return w
     return (1 - m) * m ** (k - i) / (1 - m**k)
 
 
-def inference_stats(approach: str, batches, momentum: float):
+def inference_stats(approach, batches, momentum):
     """The (mean, var) that inference uses after training on `batches`."""
     if len(batches) == 0:
-        return 0.0, 1.0
+        return np.float64(0.0), np.float64(1.0)
     stats = [moments(b) for b in batches]
-    weights = ema_weights(len(batches), momentum, approach)
-    var_index = 2 if approach in UNBIASED else 1
-    mean = sum(w * s[0] for w, s in zip(weights, stats))
-    var = sum(w * s[var_index] for w, s in zip(weights, stats))
+    w = weights(approach, len(batches), momentum)
+    unbiased = approach in ("batch", "batch_renorm", "mode=batch")
+    mean = sum(wi * s[0] for wi, s in zip(w, stats))
+    var = sum(wi * s[2 if unbiased else 1] for wi, s in zip(w, stats))
     return mean, var
 
 
-def normalise(x, mean, var, eps: float):
+def normalise(x, mean, var, eps):
     """`(x - mean) / sqrt(var + eps)` with per-channel statistics."""
     x = np.asarray(x, dtype=np.float64)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = np.broadcast_to(np.asarray(mean, np.float64), (x.shape[1],))
-    var = np.broadcast_to(np.asarray(var, np.float64), (x.shape[1],))
-    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    mean = np.reshape(np.broadcast_to(mean, (x.shape[1],)), shape)
+    var = np.reshape(np.broadcast_to(var, (x.shape[1],)), shape)
+    return (x - mean) / np.sqrt(var + eps)
+
+
+def warmup_fraction(k, warmup):
+    return min(1.0, (k - 1) / max(warmup, 1))
 
 
 def training_output(
-    approach: str,
-    batches,
-    momentum: float,
-    eps: float,
-    *,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    warmup: int = 0,
+    approach, batches, momentum, eps, *, r_max=3.0, d_max=5.0, warmup=0
 ):
-    """The training-mode output (no affine) for the last of `batches`."""
-    k = len(batches)
-    x = batches[-1]
+    """The training-mode output (no affine) on the last of `batches`."""
+    k, x = len(batches), batches[-1]
     mean_b, var_b, _ = moments(x)
-    if approach == "batch":
+    if approach in ("batch", "mode=batch"):
         return normalise(x, mean_b, var_b, eps)
+    t = warmup_fraction(k, warmup)
+    channel = (1, -1) + (1,) * (x.ndim - 2)
     if approach == "batch_renorm":
-        if k == 1:
-            return normalise(x, mean_b, var_b, eps)
         mean_r, var_r = inference_stats(approach, batches[:-1], momentum)
         std_b, std_r = np.sqrt(var_b + eps), np.sqrt(var_r + eps)
-        t = min(1.0, (k - 1) / warmup) if warmup > 0 else 1.0
         r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
         r = np.clip(std_b / std_r, 1 / r_bound, r_bound)
         d = np.clip((mean_b - mean_r) / std_r, -d_bound, d_bound)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return normalise(x, mean_b, var_b, eps) * r.reshape(shape) + d.reshape(shape)
-    if approach in ("ema", "ema_debiased"):
-        mean, var = inference_stats(approach, batches, momentum)
+        return normalise(x, mean_b, var_b, eps) * r.reshape(channel) + d.reshape(
+            channel
+        )
+    if approach == "ema_smooth_start":
+        # Equinox issue #659: the moving average started at zero, plus m^k times this
+        # batch; blended linearly with this batch over the warmup.
+        m = float(np.float32(momentum))
+        stats = [moments(b)[:2] for b in batches]
+        zero_started = [
+            sum((1 - m) * m ** (k - i) * s[j] for i, s in enumerate(stats, 1))
+            for j in (0, 1)
+        ]
+        mean, var = (z + m**k * b for z, b in zip(zero_started, (mean_b, var_b)))
+        mean, var = t * mean + (1 - t) * mean_b, t * var + (1 - t) * var_b
         return normalise(x, mean, var, eps)
-    assert approach == "ema_smooth_start"
-    # Zero-started EMA h_k, plus m^k times this batch.
-    weights = (1 - momentum) * momentum ** (k - np.arange(1, k + 1))
-    stats = [moments(b) for b in batches]
-    mean = sum(w * s[0] for w, s in zip(weights, stats)) + momentum**k * mean_b
-    var = sum(w * s[1] for w, s in zip(weights, stats)) + momentum**k * var_b
-    if warmup > 0:
-        t = min(1.0, (k - 1) / warmup)
-        mean = t * mean + (1 - t) * mean_b
-        var = t * var + (1 - t) * var_b
-    return normalise(x, mean, var, eps)
+    return normalise(x, *inference_stats(approach, batches, momentum), eps)

@@ -1,25 +1,21 @@
-import os
+# This repository's test configuration, the counterpart of upstream's own
+# `tests/conftest.py` (which the export leaves in place): the same JAX settings, but 8
+# CPU devices instead of 2, so that the multi-device tests run on both counts.
 import random
-
-
-# At least 2 (here 8) CPU devices for the multi-device tests. XLA reads this when JAX
-# starts its CPU backend, so it must be set before any test runs JAX code.
-_DEVICES = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
+import typing
 
 import jax
 import jax.random as jr
 import pytest
 
 
+typing.TESTING = True  # pyright: ignore[reportAttributeAccessIssue]
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_num_cpu_devices", 8)
 
 
-@pytest.fixture()
+@pytest.fixture
 def getkey():
-    def _getkey():
-        return jr.PRNGKey(random.randint(0, 2**31 - 1))
-
-    return _getkey
+    return lambda: jr.PRNGKey(random.randint(0, 2**31 - 1))

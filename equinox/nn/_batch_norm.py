@@ -1,271 +1,93 @@
 import sys
 import warnings
-from collections.abc import Hashable, Sequence
-from typing import Literal, NamedTuple, TypeAlias
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, get_args, Literal, NamedTuple
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Inexact, Int, PRNGKeyArray
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, Inexact, Int, PRNGKeyArray, PyTree
 
 from .._misc import default_floating_dtype
 from .._module import field
+from .._tree import tree_at
 from ._misc import named_scope
 from ._sequential import StatefulLayer
 from ._stateful import State, StateIndex
 
 
-Approach: TypeAlias = Literal[
-    "batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start"
-]
-_APPROACHES: tuple[Approach, ...] = (
-    "batch",
-    "batch_renorm",
-    "ema",
-    "ema_debiased",
-    "ema_smooth_start",
-)
-_RECOMMENDED: Approach = "batch_renorm"
+Approach = Literal["batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start"]
+_RECOMMENDED = "batch"
 _GUIDE = "https://docs.kidger.site/equinox/api/nn/batch_norm_approaches/"
-_Stats: TypeAlias = tuple[Array, Array]
-AxisName: TypeAlias = Hashable | Sequence[Hashable]
-# Steps over which "batch_renorm" relaxes its bounds from plain batch normalisation:
-# without it, r reaches r_max while activations still drift quickly early in training,
-# and the gradient norm peaks ~1.4x higher than "batch"'s (see the guide).
-_RENORM_WARMUP = 150
 
 
-class _BatchMoments(NamedTuple):
-    """The statistics of one training batch, per channel, over every reduced position
-    on every named axis."""
-
+class _Stats(NamedTuple):
     mean: Array
-    var: Array  # biased: the mean squared deviation
-    unbiased_var: Array  # var * n / (n - 1), or var itself when n == 1
-    centred: Array  # x - mean, kept so that the output reuses it
+    var: Array
+
+
+class _Batch(NamedTuple):
+    stats: _Stats  # the batch mean and biased variance
+    unbiased: _Stats  # the batch mean and unbiased variance
+    centred: Array  # the input minus the batch mean
 
 
 class _Affine(NamedTuple):
-    """Per-channel `scale` and `shift` so that the normalised output is
-    `(x - reference) * scale + shift`. Training uses the batch mean as the reference;
-    inference uses the running mean."""
+    """The output is `centred * scale + shift`, per channel, before `weight` and
+    `bias`."""
 
     scale: Array
     shift: Array
 
 
-def _standardise(reference: Array, mean: Array, var: Array, eps: float) -> _Affine:
-    """The affine map `(x - mean) / sqrt(var + eps)`, written around `reference`."""
-    scale = lax.rsqrt(var + eps)
-    return _Affine(scale, (reference - mean) * scale)
-
-
-def _ema_step(running: _Stats, new: _Stats, momentum: Array) -> _Stats:
-    """`momentum * running + (1 - momentum) * new`, for the mean and the variance."""
-    return tuple(momentum * r + (1 - momentum) * n for r, n in zip(running, new))  # pyright: ignore
-
-
-def _debiased(
-    hidden: _Stats, step: Array, momentum: Array, var_seed: float = 0.0
-) -> _Stats:
-    """Exactly debiased running statistics after `step` updates.
-
-    An accumulator started at `seed` and updated `k` times with `_ema_step` holds
-    `m**k * seed + (1 - m) * sum_i m**(k - i) * b_i`. The weights on the `b_i` sum to
-    `1 - m**k`, so
-
-    `(hidden - m**k * seed) / (1 - m**k)`
-
-    is their exactly weighted average. The mean accumulator always starts at 0; the
-    variance accumulator at `var_seed` (1 only for "batch", the 0.13 layout).
-    Before any update (`k == 0`) this returns mean 0 and variance 1. `1 - m**k` is
-    evaluated as `-expm1(k log m)` so that it keeps full relative precision for
-    momentum near 1.
-    """
-    k = step.astype(momentum.dtype)
-    log_m = jnp.log(momentum)
-    decay = jnp.exp(k * log_m)
-    trained = step > 0
-    weight = jnp.where(trained, -jnp.expm1(k * log_m), 1)
-    mean, var = hidden
-    mean, var = mean / weight, (var - decay * var_seed) / weight
-    return jnp.where(trained, mean, 0), jnp.where(trained, var, 1)
-
-
-def _warmup_fraction(step: Array, warmup: int, dtype) -> Array:
-    """`min(1, (k - 1) / warmup)` at training step `k`: 0 on the first step, 1 from
-    step `warmup + 1` on (1 throughout if `warmup` is 0)."""
-    if warmup == 0:
-        return jnp.ones((), dtype)
-    return jnp.minimum(1, (step - 1) / warmup).astype(dtype)
-
-
-def _batch(
-    batch: _BatchMoments, hidden: _Stats, momentum: Array, eps: float
-) -> tuple[_Affine, _Stats]:
-    """`"batch"`: normalise with the batch statistics; accumulate the batch mean and
-    the unbiased batch variance for inference.
-
-    $y = (x - \\mu_B) / \\sqrt{\\sigma^2_B + \\varepsilon}$, and
-    $h \\leftarrow m h + (1 - m) (\\mu_B, \\tfrac{n}{n-1}\\sigma^2_B)$.
-    """
-    affine = _Affine(lax.rsqrt(batch.var + eps), jnp.zeros_like(batch.mean))
-    return affine, _ema_step(hidden, (batch.mean, batch.unbiased_var), momentum)
-
-
-def _batch_renorm(
-    batch: _BatchMoments,
-    hidden: _Stats,
-    step: Array,
-    momentum: Array,
-    eps: float,
-    r_max: float,
-    d_max: float,
-    warmup: int,
-) -> tuple[_Affine, _Stats]:
-    """`"batch_renorm"` (Ioffe 2017): the batch statistics, corrected towards the
-    debiased running statistics $(\\mu, \\sigma^2)$ held *before* this step:
-
-    $y = \\frac{x - \\mu_B}{\\sigma_B} r + d$, with $\\sigma_B = \\sqrt{\\sigma^2_B +
-    \\varepsilon}$, $r = \\operatorname{clip}_{[1/r_{max}, r_{max}]}(\\sigma_B /
-    \\sqrt{\\sigma^2 + \\varepsilon})$ and $d = \\operatorname{clip}_{[-d_{max},
-    d_{max}]}((\\mu_B - \\mu) / \\sqrt{\\sigma^2 + \\varepsilon})$.
-
-    $r$ and $d$ carry no gradient, and are 1 and 0 on the first step. With
-    `warmup` $= W > 0$ the bounds grow linearly from $(1, 0)$ to $(r_{max},
-    d_{max})$ over the first $W$ steps. Without clipping,
-    $y = (x - \\mu) / \\sqrt{\\sigma^2 + \\varepsilon}$: the inference output.
-    Accumulates like `"batch"`.
-    """
-    mean, var = _debiased(hidden, step - 1, momentum)
-    batch_std = jnp.sqrt(batch.var + eps)
-    running_std = jnp.sqrt(var + eps)
-    t = _warmup_fraction(step, warmup, var.dtype)
-    r_bound = 1 + (r_max - 1) * t
-    d_bound = d_max * t
-    r = jnp.clip(batch_std / running_std, 1 / r_bound, r_bound)
-    d = jnp.clip((batch.mean - mean) / running_std, -d_bound, d_bound)
-    first = step == 1
-    r = lax.stop_gradient(jnp.where(first, 1, r))
-    d = lax.stop_gradient(jnp.where(first, 0, d))
-    affine = _Affine(r / batch_std, d)
-    return affine, _ema_step(hidden, (batch.mean, batch.unbiased_var), momentum)
-
-
-def _ema_debiased(
-    batch: _BatchMoments,
-    hidden: _Stats,
-    step: Array,
-    momentum: Array,
-    eps: float,
-) -> tuple[_Affine, _Stats]:
-    """`"ema_debiased"` (Adam-style): normalise with the zero-initialised EMA of the
-    batch statistics $h_k$, divided by $1 - m^k$ after the $k$-th update.
-    """
-    hidden = _ema_step(hidden, (batch.mean, batch.var), momentum)
-    mean, var = _debiased(hidden, step, momentum)
-    return _standardise(batch.mean, mean, var, eps), hidden
-
-
-def _ema_smooth_start(
-    batch: _BatchMoments,
-    hidden: _Stats,
-    step: Array,
-    momentum: Array,
-    eps: float,
-    warmup: int,
-) -> tuple[_Affine, _Stats]:
-    """`"ema_smooth_start"` (equinox issue #659): normalise with
-    $h_k + m^k b_k$, where $h_k$ is the zero-initialised EMA after the $k$-th update
-    and $b_k$ the batch statistics. The weights sum to one: pure batch statistics at
-    $k = 1$, the running statistics once $m^k$ is small. With `warmup` $= W > 0$ this
-    is blended linearly with the batch statistics,
-    $t \\,(h_k + m^k b_k) + (1 - t)\\, b_k$ with $t = \\min(1, (k - 1) / W)$.
-    """
-    hidden = _ema_step(hidden, (batch.mean, batch.var), momentum)
-    decay = jnp.exp(step.astype(momentum.dtype) * jnp.log(momentum))
-    mean, var = (h + decay * b for h, b in zip(hidden, (batch.mean, batch.var)))
-    if warmup > 0:
-        t = _warmup_fraction(step, warmup, momentum.dtype)
-        mean = t * mean + (1 - t) * batch.mean
-        var = t * var + (1 - t) * batch.var
-    return _standardise(batch.mean, mean, var, eps), hidden
-
-
-def _ema_legacy(
-    batch: _BatchMoments,
-    running: _Stats,
-    first_time: Array,
-    momentum: float,
-    eps: float,
-) -> tuple[_Affine, _Stats]:
-    """`"ema"` (Equinox 0.13): normalise with the running statistics *after* updating
-    them with this batch, $r \\leftarrow m r + (1 - m) b$, with $r = b$ on the first
-    step. Gradients through the batch statistics are scaled by $1 - m$.
-    """
-    mean, var = (
-        jnp.where(first_time, b, (1 - momentum) * b + momentum * r)
-        for b, r in zip((batch.mean, batch.var), running)
-    )
-    return _standardise(batch.mean, mean, var, eps), (mean, var)
-
-
-def _batch_moments(x: Array, axis_name: AxisName) -> _BatchMoments:
-    """Per-channel mean and variance of `x` over its spatial axes and the named axes.
-
-    Two passes (mean, then mean squared deviation), which stays accurate when the
-    mean is large compared to the spread.
-    """
-    spatial = tuple(range(1, x.ndim))
-    channelwise = (slice(None),) + (None,) * len(spatial)
-    mean = lax.pmean(jnp.mean(x, axis=spatial), axis_name)
-    centred = x - mean[channelwise]
-    squares = (centred * jnp.conj(centred)).real.astype(x.dtype)
-    var = lax.pmean(jnp.mean(squares, axis=spatial), axis_name)
-    count = lax.psum(1, axis_name) * (x.size // x.shape[0])
-    unbiased_var = var * (count / max(count - 1, 1))
-    return _BatchMoments(mean, var, unbiased_var, centred)
-
-
 class BatchNorm(StatefulLayer):
-    r"""Normalises each channel of its input with statistics computed over the batch
-    (the named `vmap`/`pmap`/`shard_map` axes) and the spatial dimensions, then
-    optionally applies a channelwise affine transformation.
+    r"""Normalises each channel with statistics computed over the batch (the named
+    `vmap`/`pmap`/`shard_map` axes) and all spatial dimensions, then optionally applies
+    a channelwise affine transformation.
 
-    Given an input $x = [x_1, \ldots, x_C]$ with $C$ channels, this layer computes
+    Each channel $i$ of the input $x$ becomes
 
     $$\frac{x_i - \mu_i}{\sqrt{\sigma^2_i + \varepsilon}} \gamma_i + \beta_i$$
 
-    for each channel $i$, where $\gamma, \beta$ are learnt if
-    `channelwise_affine=True` (and are $1, 0$ otherwise). How $\mu$ and $\sigma^2$
-    are chosen during training, and which running statistics are kept for inference,
-    is set by `approach`:
+    where $\gamma, \beta$ are learnt if `channelwise_affine=True` (and are $1, 0$
+    otherwise). Which statistics $\mu, \sigma^2$ are used is chosen by `approach`.
 
-    | `approach` | training normalises with | inference uses |
+    At the $k$-th training step, with momentum $m$, let $\mu_k, \sigma^2_k$ be the
+    batch mean and variance (over $n$ values per channel), $s^2_k = \frac{n}{n-1}
+    \sigma^2_k$ the unbiased variance, and $\bar{x}_k = \frac{1 - m}{1 - m^k}
+    \sum_{i=1}^k m^{k-i} x_i$ the running average of a statistic $x$: an exponential
+    moving average, exactly debiased. Inference normalises with the running averages
+    of the last training step, and with $\mu = 0, \sigma^2 = 1$ before any.
+
+    | `approach` | training normalises with | running averages of |
     |---|---|---|
-    | `"batch"` | the batch statistics | the debiased EMA of the batch mean and unbiased variance |
-    | `"batch_renorm"` | the batch statistics, corrected by $r, d$ | as `"batch"` |
-    | `"ema"` | the running statistics, just updated | the running statistics |
-    | `"ema_debiased"` | the debiased running statistics, just updated | the same |
-    | `"ema_smooth_start"` | $h_k + m^k b_k$ | the debiased running statistics |
+    | `"batch"` | $\mu_k, \sigma^2_k$ | $\mu, s^2$ |
+    | `"batch_renorm"` | $\mu_k, \sigma^2_k$, then $r, d$ below | $\mu, s^2$ |
+    | `"ema"` | $(\mu_1, \sigma^2_1)$, then $m \cdot (\text{previous}) + (1 - m) \cdot (\mu_k, \sigma^2_k)$ | the same, not debiased |
+    | `"ema_debiased"` | $\bar\mu_k, \bar\sigma^2_k$ | $\mu, \sigma^2$ |
+    | `"ema_smooth_start"` | $\bar{x}_k + w_k (x_k - \bar{x}_k)$ for $x = \mu, \sigma^2$ | $\mu, \sigma^2$ |
 
-    With momentum $m$ and batch statistics $b_k$ at the $k$-th training step, the
-    running statistics are $h_k = m h_{k-1} + (1 - m) b_k$, started from zero, and
-    "debiased" means $h_k / (1 - m^k)$: exactly the weighted average of the batches
-    seen so far. (Batch Renormalization's $r$ and $d$ are described under
-    `approach` below.) Before any training step, inference uses mean 0 and variance
-    1 for every approach.
+    Batch Renormalization multiplies the normalised batch by $r$ and adds $d$, which
+    carry no gradient:
+
+    $$r = \operatorname{clip}_{[1/r_{max}, r_{max}]} \sqrt{\frac{\sigma^2_k +
+    \varepsilon}{\bar{s}^2_{k-1} + \varepsilon}}, \qquad d = \operatorname{clip}_{[
+    -d_{max}, d_{max}]} \frac{\mu_k - \bar\mu_{k-1}}{\sqrt{\bar{s}^2_{k-1} +
+    \varepsilon}}.$$
+
+    Unclipped, this is exactly the inference output. The bounds grow linearly from
+    $r_{max} = 1, d_{max} = 0$ (plain `"batch"`) over the first `warmup` steps. For
+    `"ema_smooth_start"`, $w_k = m^k$, blended linearly to $1$ over the first `warmup`
+    steps.
 
     !!! faq "Which approach should I use?"
 
-        `approach="batch_renorm"` for new code: it trains like standard batch
-        normalisation, and because its training output is corrected towards the
-        running statistics, inference behaves like training, whatever the momentum.
-        `approach="batch"` is the standard batch normalisation of PyTorch, Flax and
-        Haiku; at high momentum its inference statistics lag behind training. Avoid
-        the `"ema"` family: it normalises the training forward pass with running
-        statistics, which scales the gradient through the batch statistics by
-        $1 - m$ and causes the instability of
+        `approach="batch"`, and after training recompute its inference statistics with
+        [`equinox.nn.BatchNorm.recompute_statistics`][]. This is the standard batch
+        normalisation of PyTorch, Flax and Haiku. The `"ema"` family normalises the
+        training forward pass with running averages, which scales the gradient through
+        the batch statistics by $1 - m$ and causes the instability of
         [equinox issue #659](https://github.com/patrick-kidger/equinox/issues/659).
         The guide [Choosing a BatchNorm approach](batch_norm_approaches.md) has the
         measurements.
@@ -275,21 +97,25 @@ class BatchNorm(StatefulLayer):
         This layer must be used inside a `vmap`, `pmap` or `shard_map` with a
         matching `axis_name`. (Not doing so raises a `NameError`.)
 
-    !!! warning "Momentum convention"
-
-        `momentum` is the weight kept on the *old* running value, as in Haiku and
-        Flax. PyTorch's `momentum=0.1` corresponds to `momentum=0.9` here.
-
     !!! example
+
+        Data parallelism with `jax.jit`: shard the batch over devices and `vmap` as
+        usual; JAX computes the statistics across devices.
 
         ```python
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-            64, axis_name="batch", approach="batch"
+            64, "batch", approach="batch"
         )
         batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-        y, state = batched(x, state)  # training
-        y, _ = batched(x, state, inference=True)  # or use `eqx.nn.inference_mode`
+        mesh = jax.make_mesh((jax.device_count(),), ("devices",))
+        x = jax.device_put(x, jax.NamedSharding(mesh, jax.P("devices")))
+        y, state = jax.jit(batched)(x, state)  # training
+        y, _ = jax.jit(batched)(x, state, inference=True)  # or `eqx.nn.inference_mode`
         ```
+
+        With `jax.shard_map`, name both the mesh axis and the `vmap` axis:
+        `eqx.nn.BatchNorm(64, ("devices", "batch"), ...)`, and pass
+        `check_vma=False` to `shard_map`.
 
     ??? cite
 
@@ -332,13 +158,14 @@ class BatchNorm(StatefulLayer):
         None
         | StateIndex[tuple[Inexact[Array, "input_size"], Inexact[Array, "input_size"]]]
     )
-    axis_name: AxisName
+    axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = field(static=True)
     eps: float = field(static=True)
     channelwise_affine: bool = field(static=True)
     momentum: float = field(static=True)
     approach: Approach = field(static=True)
+    mode: str | None = field(static=True)
     r_max: float | None = field(static=True)
     d_max: float | None = field(static=True)
     warmup: int | None = field(static=True)
@@ -346,10 +173,10 @@ class BatchNorm(StatefulLayer):
     def __init__(
         self,
         input_size: int,
-        axis_name: AxisName,
+        axis_name: Hashable | Sequence[Hashable],
         eps: float = 1e-5,
         channelwise_affine: bool = True,
-        momentum: float = 0.99,
+        momentum: float | None = None,
         inference: bool = False,
         dtype=None,
         mode: str | None = None,
@@ -359,122 +186,76 @@ class BatchNorm(StatefulLayer):
         d_max: float | None = None,
         warmup: int | None = None,
     ):
-        """**Arguments:**
+        r"""**Arguments:**
 
         - `input_size`: The number of channels in the input array.
         - `axis_name`: The name of the batch axis to compute statistics over, as passed
             to `axis_name` in `jax.vmap`, `jax.pmap` or `jax.shard_map`. Can also be a
             sequence (e.g. a tuple or a list) of names, to compute statistics over
-            several named axes.
-        - `eps`: Value added to the variance for numerical stability. Must be
-            non-negative. Defaults to `1e-5`.
-        - `channelwise_affine`: Whether the module has learnable channelwise affine
-            parameters $\\gamma, \\beta$. Defaults to `True`.
-        - `momentum`: The weight kept on the old value when the running statistics are
-            updated, strictly between 0 and 1. (PyTorch's `momentum=0.1` is
-            `momentum=0.9` here.) Defaults to `0.99`.
+            multiple named axes.
+        - `eps`: Value added to the variance for numerical stability.
+        - `channelwise_affine`: Whether the module has learnable channel-wise affine
+            parameters.
+        - `momentum`: The weight $m$ kept on the old running averages, in $(0, 1)$.
+            PyTorch's `momentum=0.1` is `momentum=0.9` here. Defaults to `0.9`, or to
+            `0.99` for `approach="ema"` and whenever `mode` is used, as in Equinox
+            0.13.
         - `inference`: If `False` then the batch statistics are computed and the
-            running statistics updated. If `True` then the running statistics are
-            used for normalisation and the state is left unchanged. This may be
-            toggled with [`equinox.nn.inference_mode`][] or overridden during
-            [`equinox.nn.BatchNorm.__call__`][]. Defaults to `False`.
-        - `dtype`: The dtype of the weight and bias. Defaults to either
+            running averages updated. If `True` then the running averages are used and
+            the state is unchanged. This may be toggled with
+            [`equinox.nn.inference_mode`][] or overridden during
+            [`equinox.nn.BatchNorm.__call__`][].
+        - `dtype`: The dtype of the weight and the bias. Defaults to either
             `jax.numpy.float32` or `jax.numpy.float64` depending on whether JAX is in
-            64-bit mode. The running statistics are kept in this dtype or float32,
-            whichever is wider, so that half-precision models keep exact statistics.
-        - `mode`: The 0.13 spelling of `approach`: `mode="ema"` is `approach="ema"`
-            and `mode="batch"` is `approach="batch"`. Cannot be combined with
-            `approach`.
-        - `approach`: How the statistics are computed; one of `"batch"`,
-            `"batch_renorm"`, `"ema"`, `"ema_debiased"` and `"ema_smooth_start"`
-            (keyword only):
-            - `"batch"`: training normalises with the batch mean and the biased batch
-                variance. The running statistics accumulate the batch mean and the
-                unbiased variance $\\tfrac{n}{n-1}\\sigma^2_B$, where $n$ counts every
-                position reduced per channel (spatial positions times the size of
-                every named axis), as in PyTorch. When $n = 1$ the biased variance
-                (zero) is accumulated instead. Inference uses their exactly debiased
-                average. The state has the same layout as `mode="batch"` in Equinox
-                0.13 (a counter, and a mean and a variance started at 0 and 1), and
-                the variance's starting value is subtracted exactly, so 0.13
-                checkpoints load and are corrected.
-            - `"batch_renorm"`: Batch Renormalization. Training normalises with
-                $\\frac{x - \\mu_B}{\\sigma_B} r + d$, where
-                $\\sigma_B = \\sqrt{\\sigma^2_B + \\varepsilon}$,
-                $r = \\operatorname{clip}(\\sigma_B / \\sigma, 1/r_{max}, r_{max})$ and
-                $d = \\operatorname{clip}((\\mu_B - \\mu) / \\sigma, -d_{max},
-                d_{max})$ carry no gradient, and $(\\mu, \\sigma^2 - \\varepsilon)$ are
-                the debiased running statistics from before this step ($r = 1$,
-                $d = 0$ on the first step; the bounds start at 1 and 0 and reach
-                $r_{max}, d_{max}$ after `warmup` steps). Unclipped, the training
-                output equals the inference output. Running statistics as for
-                `"batch"`. Recommended.
-            - `"ema"`: the behaviour of Equinox 0.13's default: training normalises
-                with the running statistics after updating them with this batch, and
-                the first step uses the batch statistics. Kept for compatibility; it
-                trains poorly (equinox issue #659).
-            - `"ema_debiased"`: as `"ema"`, but the running statistics start at zero
-                and are divided by $1 - m^k$ after $k$ steps, as Adam does.
-            - `"ema_smooth_start"`: training normalises with $h_k + m^k b_k$, the
-                zero-started running statistics plus $m^k$ times this batch's
-                statistics. Inference uses the debiased running statistics.
-
-            The `"ema"` family averages the biased batch variance (the one it
-            normalises with). If neither `approach` nor `mode` is given, `"ema"` is
-            used and a warning recommends choosing one.
-        - `r_max`: For `"batch_renorm"` only: the bound on $r$, at least 1. Defaults
-            to 3. (Keyword only.)
-        - `d_max`: For `"batch_renorm"` only: the bound on $d$, non-negative.
-            Defaults to 5. (Keyword only.)
-        - `warmup`: For `"batch_renorm"` and `"ema_smooth_start"`: a number of steps
-            over which training moves linearly from pure batch statistics to the
-            approach's own. For `"batch_renorm"` the bounds grow from $r_{max} = 1$,
-            $d_{max} = 0$ to their values, as the paper recommends; defaults to 150.
-            For `"ema_smooth_start"` the statistics are blended; defaults to 0 (no
-            warmup). (Keyword only.)
+            64-bit mode. The running averages are kept in this dtype or float32,
+            whichever is wider.
+        - `mode`: Equinox 0.13's name for `approach`, accepting `"ema"` or `"batch"`.
+            It keeps 0.13's encoding of the state, so that 0.13 checkpoints load
+            exactly; new code should use `approach`.
+        - `approach`: One of `"batch"`, `"batch_renorm"`, `"ema"`, `"ema_debiased"`
+            and `"ema_smooth_start"`; see the table above. If neither `approach` nor
+            `mode` is passed, then `"ema"` is used and a warning is raised. (Keyword
+            only argument.)
+        - `r_max`, `d_max`: The bounds of Batch Renormalization on $r$ and $d$, for
+            `approach="batch_renorm"` only. Default to `3` and `5`. (Keyword only
+            arguments.)
+        - `warmup`: The number of steps over which `"batch_renorm"` and
+            `"ema_smooth_start"` move from pure batch statistics to their own.
+            Defaults to `150` for `"batch_renorm"` and `0` for `"ema_smooth_start"`.
+            (Keyword only argument.)
 
         **Raises:**
 
         A `ValueError` for an unknown `approach` or `mode`, both `approach` and `mode`,
-        a `momentum` outside $(0, 1)$, a negative `eps`, or an option given to an
-        approach that does not use it.
+        a `momentum` outside $(0, 1)$, a negative `eps`, or an option that the
+        approach does not take.
         """
         approach = _resolve_approach(approach, mode)
-        _check_options(
-            approach,
-            momentum=momentum,
-            eps=eps,
-            r_max=r_max,
-            d_max=d_max,
-            warmup=warmup,
+        legacy = approach == "ema" or mode is not None
+        momentum = (0.99 if legacy else 0.9) if momentum is None else momentum
+        options = _resolve_options(
+            approach, momentum, eps, r_max=r_max, d_max=d_max, warmup=warmup
         )
-        if approach == "batch_renorm":
-            r_max = 3.0 if r_max is None else r_max
-            d_max = 5.0 if d_max is None else d_max
-            warmup = _RENORM_WARMUP if warmup is None else warmup
-        if approach == "ema_smooth_start" and warmup is None:
-            warmup = 0
-
         dtype = default_floating_dtype() if dtype is None else dtype
         with jax.numpy_dtype_promotion("standard"):
             state_dtype = jnp.promote_types(dtype, jnp.float32)
-        self.weight = jnp.ones(input_size, dtype) if channelwise_affine else None
-        self.bias = jnp.zeros(input_size, dtype) if channelwise_affine else None
-        zeros = jnp.zeros((input_size,), dtype=state_dtype)
+        if channelwise_affine:
+            self.weight = jnp.ones((input_size,), dtype=dtype)
+            self.bias = jnp.zeros((input_size,), dtype=dtype)
+        else:
+            self.weight = None
+            self.bias = None
+        running = tuple(_initial(jnp.zeros((input_size,), state_dtype)))
         if approach == "ema":
-            # 0.13 layout: a first-step flag and the running (mean, var).
             self.ema_first_time_index = StateIndex(jnp.array(True))
-            self.ema_state_index = StateIndex((zeros, zeros))
+            self.ema_state_index = StateIndex(running)
             self.batch_counter = None
             self.batch_state_index = None
         else:
-            # A step counter and the EMA accumulators for (mean, var). "batch" keeps
-            # 0.13's start of (0, 1); the others start at zero.
-            var_seed = jnp.full_like(zeros, _var_seed(approach))
             self.ema_first_time_index = None
             self.ema_state_index = None
             self.batch_counter = StateIndex(jnp.array(0))
-            self.batch_state_index = StateIndex((zeros, var_seed))
+            self.batch_state_index = StateIndex(running)
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -482,14 +263,10 @@ class BatchNorm(StatefulLayer):
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.approach = approach
-        self.r_max = r_max
-        self.d_max = d_max
-        self.warmup = warmup
-
-    @property
-    def mode(self) -> Approach:
-        """The approach in use; the name Equinox 0.13 gave this attribute."""
-        return self.approach
+        self.mode = mode
+        self.r_max = options.get("r_max")
+        self.d_max = options.get("d_max")
+        self.warmup = options.get("warmup")
 
     @named_scope("eqx.nn.BatchNorm")
     def __call__(
@@ -502,29 +279,23 @@ class BatchNorm(StatefulLayer):
     ) -> tuple[Array, State]:
         """**Arguments:**
 
-        - `x`: One example: an array of shape `(input_size, *spatial)`, with any
-            number (including zero) of spatial dimensions. Call the layer under
-            `vmap` (or `pmap`/`shard_map`) over the batch.
-        - `state`: The [`equinox.nn.State`][] holding this layer's running
-            statistics.
-        - `key`: Unused. Accepted so that every Equinox layer can be called alike.
-            (Keyword only.)
-        - `inference`: Overrides `self.inference` for this call when `True` or
-            `False` (see [`equinox.nn.BatchNorm.__init__`][]); `None` keeps
-            `self.inference`. (Keyword only.)
+        - `x`: A JAX array of shape `(input_size, dim_1, ..., dim_N)`, for any
+            $N \\geq 0$.
+        - `state`: An [`equinox.nn.State`][] object (which is used to store the
+            running averages).
+        - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
+            (Keyword only argument.)
+        - `inference`: As per [`equinox.nn.BatchNorm.__init__`][]. If
+            `True` or `False` then it will take priority over `self.inference`. If
+            `None` then the value from `self.inference` will be used.
 
         **Returns:**
 
         A 2-tuple of:
 
-        - The normalised array, with the shape and dtype of `x`. Statistics are
-            computed in at least float32, so half-precision inputs do not overflow.
-        - The updated state (unchanged in inference).
-
-        A single value per channel in training (one example, no spatial dimensions)
-        is allowed: its variance is zero, so the approaches that normalise with batch
-        statistics output `bias`, and the variance accumulated is zero (not divided
-        by `n - 1 = 0`).
+        - A JAX array with the shape and dtype of `x`. Statistics are computed in at
+            least float32, so half-precision inputs do not overflow.
+        - An updated state object (unchanged in inference).
 
         **Raises:**
 
@@ -534,109 +305,339 @@ class BatchNorm(StatefulLayer):
         """
         del key
         if x.ndim == 0 or x.shape[0] != self.input_size:
-            channels = "no channel axis" if x.ndim == 0 else f"{x.shape[0]} channels"
             raise ValueError(
                 f"`BatchNorm(input_size={self.input_size})` received an input of shape "
-                f"{x.shape}, which has {channels}. Each example must have shape "
-                "`(input_size, *spatial)`: pass `input_size` equal to the number of "
-                "channels, and `vmap` over the batch axis with a matching `axis_name`."
+                f"{x.shape}. Each example must have shape `(input_size, *spatial)`: "
+                "pass `input_size` equal to the number of channels, and `vmap` over "
+                "the batch axis with a matching `axis_name`."
             )
         if inference is None:
             inference = self.inference
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x.dtype, jnp.float32)
-        channelwise = (slice(None),) + (None,) * (x.ndim - 1)
         y = x.astype(dtype)
-
+        steps, running = self._load(state, dtype)
         if inference:
-            mean, var = self._inference_stats(state, dtype)
-            centred = y - mean[channelwise]
-            affine = _Affine(lax.rsqrt(var + self.eps), jnp.zeros_like(mean))
+            centred = y - _per_channel(running.mean, y)
+            affine = _normalise(running, running.mean, self.eps)
         else:
-            batch = _batch_moments(y, self.axis_name)
-            affine, state = self._training_step(batch, state, dtype)
+            batch = _batch_statistics(y, self.axis_name)
+            momentum = jnp.asarray(self.momentum, dtype)
+            options = {name: getattr(self, name) for name in _OPTIONS[self.approach]}
+            strategy = _STRATEGIES[self.approach]
+            affine, running = strategy(
+                batch, running, steps + 1, momentum, self.eps, **options
+            )
+            state = self._store(state, steps + 1, running)
             centred = batch.centred
         scale, shift = affine
         if self.weight is not None and self.bias is not None:
             weight = self.weight.astype(dtype)
             scale, shift = scale * weight, shift * weight + self.bias.astype(dtype)
-        out = centred * scale[channelwise] + shift[channelwise]
+        out = centred * _per_channel(scale, y) + _per_channel(shift, y)
         return out.astype(x.dtype), state
 
-    def _inference_stats(self, state: State, dtype) -> _Stats:
-        if self.ema_state_index is not None:
+    def _indices(self) -> tuple[StateIndex, StateIndex]:
+        if self.approach == "ema":
             assert self.ema_first_time_index is not None
-            first_time = state.get(self.ema_first_time_index)
-            mean, var = _cast(state.get(self.ema_state_index), dtype)
-            return jnp.where(first_time, 0, mean), jnp.where(first_time, 1, var)
+            assert self.ema_state_index is not None
+            return self.ema_first_time_index, self.ema_state_index
         assert self.batch_counter is not None and self.batch_state_index is not None
-        step = state.get(self.batch_counter)
-        hidden = _cast(state.get(self.batch_state_index), dtype)
-        momentum = _momentum(self, dtype)
-        return _debiased(hidden, step, momentum, _var_seed(self.approach))
+        return self.batch_counter, self.batch_state_index
 
-    def _training_step(
-        self, batch: _BatchMoments, state: State, dtype
-    ) -> tuple[_Affine, State]:
-        if self.ema_state_index is not None:
-            assert self.ema_first_time_index is not None
-            first_time = state.get(self.ema_first_time_index)
-            stored = state.get(self.ema_state_index)
-            running = _cast(stored, dtype)
-            affine, running = _ema_legacy(
-                batch, running, first_time, self.momentum, self.eps
+    def _load(self, state: State, dtype) -> tuple[Int[Array, ""], _Stats]:
+        """The number of training steps taken (for `"ema"`, 0 or 1), and the running
+        averages, with mean 0 and variance 1 before any step."""
+        step_index, running_index = self._indices()
+        steps = state.get(step_index)
+        if self.approach == "ema":
+            steps = jnp.where(steps, 0, 1)
+        running = _Stats(*(s.astype(dtype) for s in state.get(running_index)))
+        if self.mode == "batch":
+            running = _from_0_13(running, steps, jnp.asarray(self.momentum, dtype))
+        initial = _initial(running.mean)
+        return steps, jtu.tree_map(
+            lambda a, b: jnp.where(steps == 0, a, b), initial, running
+        )
+
+    def _store(self, state: State, steps: Array, running: _Stats) -> State:
+        step_index, running_index = self._indices()
+        if self.mode == "batch":
+            momentum = jnp.asarray(self.momentum, running.mean.dtype)
+            running = _to_0_13(running, steps, momentum)
+        old_steps, old_running = state.get(step_index), state.get(running_index)
+        new_steps = jnp.zeros_like(old_steps) if self.approach == "ema" else steps
+        state = state.set(step_index, new_steps)
+        return state.set(
+            running_index,
+            tuple(r.astype(o.dtype) for r, o in zip(running, old_running)),
+        )
+
+    def _reset(self, state: State) -> State:
+        """Returns `state` with this layer's entries as before any training step."""
+        step_index, running_index = self._indices()
+        steps = state.get(step_index)
+        mean, _ = state.get(running_index)
+        new_steps = jnp.ones_like(steps) if self.approach == "ema" else 0 * steps
+        return state.set(step_index, new_steps).set(
+            running_index, tuple(_initial(mean))
+        )
+
+    @staticmethod
+    def recompute_statistics(
+        forward: Callable[[PyTree, State, PyTree], tuple[Any, State]],
+        model: PyTree,
+        state: State,
+        batches: PyTree,
+    ) -> State:
+        r"""Recomputes the inference statistics of every `BatchNorm` in `model` as the
+        exact average over `batches` ("precise batch normalisation"): the mean and the
+        variance that the approach keeps (unbiased for `"batch"` and
+        `"batch_renorm"`) of each batch, each weighted equally.
+
+        Running averages lag behind the network while it trains, most of all at high
+        momentum. Recomputing them after training, from some twenty training batches
+        pushed through the final network, removes that lag. This is what PyTorch's
+        `torch.optim.swa_utils.update_bn` does.
+
+        !!! example
+
+            ```python
+            def forward(model, state, x):
+                batched = jax.vmap(
+                    model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+                )
+                return batched(x, state)
+
+            xs = x_train[:20 * 64].reshape(20, 64, *x_train.shape[1:])
+            state = eqx.filter_jit(eqx.nn.BatchNorm.recompute_statistics)(
+                forward, model, state, xs
             )
-            state = state.set(self.ema_first_time_index, jnp.zeros_like(first_time))
-            return affine, state.set(self.ema_state_index, _cast(running, stored))
-        assert self.batch_counter is not None and self.batch_state_index is not None
-        step = state.get(self.batch_counter) + 1
-        stored = state.get(self.batch_state_index)
-        hidden = _cast(stored, dtype)
-        momentum = _momentum(self, dtype)
-        if self.approach == "batch":
-            affine, hidden = _batch(batch, hidden, momentum, self.eps)
-        elif self.approach == "batch_renorm":
-            assert self.r_max is not None and self.d_max is not None
-            assert self.warmup is not None
-            affine, hidden = _batch_renorm(
-                batch,
-                hidden,
-                step,
-                momentum,
-                self.eps,
-                self.r_max,
-                self.d_max,
-                self.warmup,
+            inference_model = eqx.nn.inference_mode(model)
+            ```
+
+        **Arguments:**
+
+        - `forward`: Called as `forward(model, state, batch)` for each batch; returns
+            a pair whose second element is the new state, like a stateful model. It
+            must call `model` (not another copy of it), once per batch, with the batch
+            axis named as the `BatchNorm`s expect.
+        - `model`: A PyTree containing one or more `BatchNorm`s. They run in training
+            mode, whatever their `inference` flag; everything else runs as given (so
+            pass [`equinox.nn.inference_mode`][]`(model)` to switch dropout off).
+        - `state`: The [`equinox.nn.State`][] of `model`.
+        - `batches`: A PyTree of arrays whose leading axis indexes the batches, e.g.
+            an array of shape `(num_batches, batch_size, ...)`.
+
+        **Returns:**
+
+        A new state in which each `BatchNorm`'s entries hold the recomputed
+        statistics, as after one training step. Every other entry is unchanged.
+
+        **Raises:**
+
+        A `ValueError` if `model` contains no `BatchNorm`, or if `forward` does not
+        run them in training mode.
+        """
+        is_layer = lambda x: isinstance(x, BatchNorm)
+        layers = [x for x in jtu.tree_leaves(model, is_leaf=is_layer) if is_layer(x)]
+        if len(layers) == 0:
+            raise ValueError(
+                "`BatchNorm.recompute_statistics(forward, model, ...)` found no "
+                "`BatchNorm` in `model`."
             )
-        elif self.approach == "ema_debiased":
-            affine, hidden = _ema_debiased(batch, hidden, step, momentum, self.eps)
-        else:
-            assert self.warmup is not None
-            affine, hidden = _ema_smooth_start(
-                batch, hidden, step, momentum, self.eps, self.warmup
-            )
-        state = state.set(self.batch_counter, step)
-        return affine, state.set(self.batch_state_index, _cast(hidden, stored))
+        training = jtu.tree_map(
+            lambda x: tree_at(lambda b: b.inference, x, False) if is_layer(x) else x,
+            model,
+            is_leaf=is_layer,
+        )
+        reset = _copy(state)
+        for layer in layers:
+            reset = layer._reset(reset)
+        indices = [index for layer in layers for index in layer._indices()]
+
+        def one_batch(batch):
+            start = _copy(reset)
+            _, new_state = forward(training, start, batch)
+            entries = [new_state.get(index) for index in indices]
+            if any(new is start.get(i) for new, i in zip(entries, indices)):
+                raise ValueError(
+                    "`BatchNorm.recompute_statistics(forward, model, ...)`: `forward` "
+                    "did not update the `BatchNorm` state. It must call the `model` "
+                    "it is given (which runs `BatchNorm` in training mode), and return "
+                    "the new state as the second element of a pair."
+                )
+            return entries
+
+        entries = lax.map(one_batch, batches)
+        state = _copy(state)
+        for index, stacked in zip(indices, entries):
+            state = state.set(index, jtu.tree_map(_average_batches, stacked))
+        return state
 
 
-def _var_seed(approach: Approach) -> float:
-    """The variance accumulator's starting value: 1 for "batch" (the 0.13 layout,
-    kept so that 0.13 checkpoints load), 0 for the others."""
-    return 1.0 if approach == "batch" else 0.0
+def _batch(
+    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
+) -> tuple[_Affine, _Stats]:
+    return _normalise(batch.stats, batch.stats.mean, eps), _running_average(
+        running, batch.unbiased, step, momentum
+    )
 
 
-def _momentum(layer: BatchNorm, dtype) -> Array:
-    return jnp.asarray(layer.momentum, dtype=dtype)
+def _batch_renorm(
+    batch: _Batch,
+    running: _Stats,
+    step: Array,
+    momentum: Array,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    warmup: int,
+) -> tuple[_Affine, _Stats]:
+    # On the first step the bounds are (1, 0), so r = 1 and d = 0 whatever the
+    # running averages (which are still mean 0, variance 1).
+    t = _warmup_fraction(step, warmup, momentum.dtype)
+    r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
+    std = jnp.sqrt(batch.stats.var + eps)
+    running_std = jnp.sqrt(running.var + eps)
+    r = jnp.clip(std / running_std, 1 / r_bound, r_bound)
+    d = jnp.clip((batch.stats.mean - running.mean) / running_std, -d_bound, d_bound)
+    affine = _Affine(lax.stop_gradient(r) / std, lax.stop_gradient(d))
+    return affine, _running_average(running, batch.unbiased, step, momentum)
 
 
-def _cast(stats: _Stats, like) -> _Stats:
-    """Casts (mean, var) to `like`'s dtypes, or to one dtype."""
-    if isinstance(like, tuple):
-        return tuple(s.astype(t.dtype) for s, t in zip(stats, like))  # pyright: ignore
-    return tuple(s.astype(like) for s in stats)  # pyright: ignore
+def _ema(
+    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
+) -> tuple[_Affine, _Stats]:
+    keep = jnp.where(step == 1, 0, momentum)
+    running = _blend(running, batch.stats, keep)
+    return _normalise(running, batch.stats.mean, eps), running
+
+
+def _ema_debiased(
+    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
+) -> tuple[_Affine, _Stats]:
+    running = _running_average(running, batch.stats, step, momentum)
+    return _normalise(running, batch.stats.mean, eps), running
+
+
+def _ema_smooth_start(
+    batch: _Batch,
+    running: _Stats,
+    step: Array,
+    momentum: Array,
+    eps: float,
+    warmup: int,
+) -> tuple[_Affine, _Stats]:
+    running = _running_average(running, batch.stats, step, momentum)
+    t = _warmup_fraction(step, warmup, momentum.dtype)
+    keep = t * (1 - momentum ** step.astype(momentum.dtype))
+    stats = _blend(running, batch.stats, keep)
+    return _normalise(stats, batch.stats.mean, eps), running
+
+
+_STRATEGIES: dict[Approach, Callable[..., tuple[_Affine, _Stats]]] = {
+    "batch": _batch,
+    "batch_renorm": _batch_renorm,
+    "ema": _ema,
+    "ema_debiased": _ema_debiased,
+    "ema_smooth_start": _ema_smooth_start,
+}
+# The options that each approach takes, with their defaults.
+_OPTIONS: dict[Approach, dict[str, float | int]] = {
+    "batch": {},
+    "batch_renorm": {"r_max": 3.0, "d_max": 5.0, "warmup": 150},
+    "ema": {},
+    "ema_debiased": {},
+    "ema_smooth_start": {"warmup": 0},
+}
+
+
+def _running_average(
+    running: _Stats, new: _Stats, step: Array, momentum: Array
+) -> _Stats:
+    # x̄_k = x_k + c_k (x̄_{k-1} - x_k), with c_k = (m - m^k) / (1 - m^k): exactly 0 at
+    # k = 1, so the first batch replaces the initial (0, 1) exactly.
+    log_m = jnp.log(momentum)
+    k = step.astype(log_m.dtype)
+    return _blend(
+        running, new, momentum * jnp.expm1((k - 1) * log_m) / jnp.expm1(k * log_m)
+    )
+
+
+def _blend(running: _Stats, new: _Stats, keep: Array) -> _Stats:
+    """`keep * running + (1 - keep) * new`, written so that a batch equal to the running
+    statistics leaves them exactly unchanged."""
+    return jtu.tree_map(lambda r, n: n + keep * (r - n), running, new)
+
+
+def _warmup_fraction(step: Array, warmup: int, dtype) -> Array:
+    """0 on the first step, rising linearly to 1 at step `warmup + 1` (at step 2 for
+    `warmup=0`)."""
+    return jnp.minimum(1, (step - 1) / max(warmup, 1)).astype(dtype)
+
+
+def _normalise(stats: _Stats, reference: Array, eps: float) -> _Affine:
+    """`(x - stats.mean) / sqrt(stats.var + eps)`, as an affine map of
+    `x - reference`."""
+    scale = lax.rsqrt(stats.var + eps)
+    return _Affine(scale, (reference - stats.mean) * scale)
+
+
+def _batch_statistics(x: Array, axis_name: Hashable | Sequence[Hashable]) -> _Batch:
+    # Two passes (the mean, then the mean squared deviation), which stays accurate
+    # when the mean is large compared to the spread.
+    spatial = tuple(range(1, x.ndim))
+    mean = lax.pmean(jnp.mean(x, axis=spatial), axis_name)
+    centred = x - _per_channel(mean, x)
+    squares = (centred * jnp.conj(centred)).real
+    var = lax.pmean(jnp.mean(squares, axis=spatial), axis_name).astype(x.dtype)
+    n = lax.psum(1, axis_name) * (x.size // x.shape[0])
+    unbiased = var * (n / max(n - 1, 1))
+    return _Batch(_Stats(mean, var), _Stats(mean, unbiased), centred)
+
+
+def _from_0_13(hidden: _Stats, steps: Array, momentum: Array) -> _Stats:
+    # Equinox 0.13's `mode="batch"` stores h_k = m^k (0, 1) + (1 - m^k) x̄_k: an
+    # exponential moving average started at mean 0 and variance 1.
+    decay, weight = _decay(steps, momentum)
+    return _Stats(hidden.mean / weight, (hidden.var - decay) / weight)
+
+
+def _to_0_13(running: _Stats, steps: Array, momentum: Array) -> _Stats:
+    decay, weight = _decay(steps, momentum)
+    return _Stats(running.mean * weight, running.var * weight + decay)
+
+
+def _decay(steps: Array, momentum: Array) -> tuple[Array, Array]:
+    """`m**k` and `1 - m**k`, the latter to full relative precision."""
+    k_log_m = steps.astype(momentum.dtype) * jnp.log(momentum)
+    return jnp.exp(k_log_m), -jnp.expm1(k_log_m)
+
+
+def _initial(like: Array) -> _Stats:
+    """The statistics before any training step: mean 0, variance 1."""
+    return _Stats(jnp.zeros_like(like), jnp.ones_like(like))
+
+
+def _per_channel(values: Array, like: Array) -> Array:
+    return jnp.expand_dims(values, tuple(range(1, like.ndim)))
+
+
+def _copy(state: State) -> State:
+    # `State.set` invalidates the object it is called on; this keeps the original.
+    return jtu.tree_map(lambda x: x, state)
+
+
+def _average_batches(stacked: Array) -> Array:
+    # Counters and flags are equal across batches; floating statistics are averaged.
+    if jnp.issubdtype(stacked.dtype, jnp.inexact):
+        return jnp.mean(stacked, axis=0)
+    return stacked[0]
 
 
 def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
+    choices = ", ".join(repr(a) for a in get_args(Approach))
     if approach is not None and mode is not None:
         raise ValueError(
             "Pass only one of `BatchNorm(approach=...)` and `BatchNorm(mode=...)`: "
@@ -647,21 +648,21 @@ def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
         if mode not in ("ema", "batch"):
             raise ValueError(
                 f"`BatchNorm(mode=...)` must be 'ema' or 'batch', but got {mode!r}. "
-                f"New code should pass `approach=` instead, one of {_APPROACHES}."
+                f"New code should pass `approach=` instead, one of {choices}."
             )
-        return mode  # pyright: ignore
+        return mode
     if approach is None:
-        _warn_approach_unset()
+        _warn_approach_unset(choices)
         return "ema"
-    if approach not in _APPROACHES:
+    if approach not in get_args(Approach):
         raise ValueError(
             f"Unknown `BatchNorm(approach={approach!r})`; valid approaches are "
-            f"{', '.join(repr(a) for a in _APPROACHES)}."
+            f"{choices}."
         )
-    return approach  # pyright: ignore
+    return approach  # pyright: ignore[reportReturnType]
 
 
-def _warn_approach_unset() -> None:
+def _warn_approach_unset(choices: str) -> None:
     # Attribute the warning to the first frame outside Equinox (and outside the
     # runtime type-checkers that may wrap its functions): the user's code.
     internal = ("equinox", "jaxtyping", "beartype")
@@ -671,58 +672,54 @@ def _warn_approach_unset() -> None:
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(
-        "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to "
-        "the legacy 'ema' approach (the same as `mode='ema'`), which normalises "
-        "the training forward pass with running statistics and often trains "
-        "poorly (equinox issue #659). Pass `approach=` explicitly, one of "
-        f"{', '.join(repr(a) for a in _APPROACHES)}; '{_RECOMMENDED}' is "
-        f"recommended for new code. See {_GUIDE} for how to choose.",
+        "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to the "
+        "legacy 'ema' approach (the same as `mode='ema'`), which normalises the "
+        "training forward pass with running averages and often trains poorly (equinox "
+        f"issue #659). Pass `approach=` explicitly, one of {choices}. "
+        f"'{_RECOMMENDED}' is recommended, with "
+        "`eqx.nn.BatchNorm.recompute_statistics` after training for exact inference "
+        f"statistics. See {_GUIDE} for how to choose.",
         stacklevel=level,
     )
 
 
-# The approach-specific options, and the approaches that use them.
-_OPTIONS: dict[str, tuple[Approach, ...]] = {
-    "r_max": ("batch_renorm",),
-    "d_max": ("batch_renorm",),
-    "warmup": ("batch_renorm", "ema_smooth_start"),
-}
-
-
-def _check_options(
-    approach: Approach,
-    *,
-    momentum: float,
-    eps: float,
-    r_max: float | None,
-    d_max: float | None,
-    warmup: int | None,
-) -> None:
+def _resolve_options(
+    approach: Approach, momentum: float, eps: float, **given: int | float | None
+) -> dict[str, Any]:
+    """Checks `momentum`, `eps` and the approach's options; returns the options with
+    their defaults filled in."""
     if not 0 < momentum < 1:
         raise ValueError(
             f"`BatchNorm(momentum=...)` must be strictly between 0 and 1, but got "
-            f"{momentum!r}. It is the weight kept on the old running value: "
+            f"{momentum!r}. It is the weight kept on the old running average: "
             "PyTorch's `momentum=0.1` is `momentum=0.9` here."
         )
     if not eps >= 0:
         raise ValueError(f"`BatchNorm(eps=...)` must be non-negative, but got {eps!r}.")
-    options = {"r_max": r_max, "d_max": d_max, "warmup": warmup}
-    for name, value in options.items():
-        if value is not None and approach not in _OPTIONS[name]:
-            owners = " or ".join(f"`approach={a!r}`" for a in _OPTIONS[name])
+    defaults = _OPTIONS[approach]
+    for name, value in given.items():
+        if value is not None and name not in defaults:
+            owners = " or ".join(
+                f"`approach={a!r}`" for a, o in _OPTIONS.items() if name in o
+            )
             raise ValueError(
                 f"`BatchNorm({name}=...)` only applies to {owners}, but the approach "
                 f"is {approach!r}. Remove `{name}`, or use {owners}."
             )
-    for name, value, lower in (("r_max", r_max, 1), ("d_max", d_max, 0)):
-        if value is not None and not value >= lower:
+    options = {
+        name: given[name] if given[name] is not None else default
+        for name, default in defaults.items()
+    }
+    for name, lower in (("r_max", 1), ("d_max", 0)):
+        if name in options and not options[name] >= lower:
             raise ValueError(
-                f"`BatchNorm({name}=...)` must be at least {lower}, but got {value!r}."
+                f"`BatchNorm({name}=...)` must be at least {lower}, but got "
+                f"{options[name]!r}."
             )
-    if warmup is not None and (
-        isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0
-    ):
+    warmup = options.get("warmup", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(
             "`BatchNorm(warmup=...)` must be a non-negative integer number of steps, "
             f"but got `warmup={warmup!r}`."
         )
+    return options
