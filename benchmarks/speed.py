@@ -28,6 +28,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from markdown_table import markdown_table
 
 
 DESCRIPTION = "Speed and memory of eqx.nn.BatchNorm against a floor, Flax and Haiku."
@@ -235,12 +236,14 @@ def summary(times, baseline="floor"):
     return rows
 
 
-def print_table(title, rows, unit="ms"):
+def print_table(title, rows):
     print(f"\n### {title}\n")
-    print(f"| variant | median {unit} | min–max {unit} | paired ratio vs floor |")
-    print("|---|---|---|---|")
-    for name, median, low, high, ratio in rows:
-        print(f"| {name} | {median:.3f} | {low:.3f}–{high:.3f} | {ratio:.3f} |")
+    header = ["variant", "median ms", "min–max ms", "paired ratio vs floor"]
+    cells = [
+        [name, f"{median:.3f}", f"{low:.3f}–{high:.3f}", f"{ratio:.3f}"]
+        for name, median, low, high, ratio in rows
+    ]
+    print(markdown_table(header, cells))
 
 
 # ------------------------------------------------------------------------- ResNet
@@ -429,19 +432,28 @@ def main(argv=None) -> None:
         )
         floor_temp = memory_rows[0][1]
         print("\n### compile and memory (training step)\n")
-        print(
-            "| variant | lower+compile s | XLA temp MiB | temp vs floor "
-            "| HLO instructions | full-size arrays |"
-        )
-        print("|---|---|---|---|---|---|")
-        for (name, seconds), (_, temp, instructions, full) in zip(
-            compile_rows, memory_rows
-        ):
-            print(
-                f"| {name} | {seconds:.3f} | {temp / 2**20:.2f} | "
-                f"{temp / floor_temp if floor_temp else float('nan'):.3f} | "
-                f"{instructions} | {full} |"
+        header = [
+            "variant",
+            "lower+compile s",
+            "XLA temp MiB",
+            "temp vs floor",
+            "HLO instructions",
+            "full-size arrays",
+        ]
+        cells = [
+            [
+                name,
+                f"{seconds:.3f}",
+                f"{temp / 2**20:.2f}",
+                f"{temp / floor_temp if floor_temp else float('nan'):.3f}",
+                instructions,
+                full,
+            ]
+            for (name, seconds), (_, temp, instructions, full) in zip(
+                compile_rows, memory_rows
             )
+        ]
+        print(markdown_table(header, cells))
     width, batch, image = args.resnet_width, args.resnet_batch, 32
     if args.quick:
         width, batch, image = 4, 4, 8
@@ -454,19 +466,22 @@ def main(argv=None) -> None:
         f"\n## ResNet SGD step (width {width}, batch {batch}, {image}x{image}, "
         "5 norm layers)\n"
     )
-    print("| norm | median ms | min–max ms | per-layer cost vs floor layer |")
-    print("|---|---|---|---|")
-    none = times["none"]
+    none, cells = times["none"], []
     for kind in kinds:
         per_layer = [
             (t - n) / (f - n) if f > n else float("nan")
             for t, n, f in zip(times[kind], none, times["floor"])
         ]
-        print(
-            f"| {kind} | {statistics.median(times[kind]) * 1e3:.3f} | "
-            f"{min(times[kind]) * 1e3:.3f}–{max(times[kind]) * 1e3:.3f} | "
-            f"{statistics.median(per_layer):.3f} |"
+        cells.append(
+            [
+                kind,
+                f"{statistics.median(times[kind]) * 1e3:.3f}",
+                f"{min(times[kind]) * 1e3:.3f}–{max(times[kind]) * 1e3:.3f}",
+                f"{statistics.median(per_layer):.3f}",
+            ]
         )
+    header = ["norm", "median ms", "min–max ms", "per-layer cost vs floor layer"]
+    print(markdown_table(header, cells))
 
 
 if __name__ == "__main__":

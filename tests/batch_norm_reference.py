@@ -7,6 +7,8 @@ step-by-step recursion); it never calls the layer. Batches have shape
 `(batch, channels, *spatial)`.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,16 +21,16 @@ DEBIASED = ("batch", "batch_renorm", "ema_debiased", "ema_smooth_start")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def spelling(approach):
-    """The `BatchNorm` keyword for an approach; `"mode=batch"` means `mode="batch"`."""
-    return dict(mode="batch") if approach == "mode=batch" else dict(approach=approach)
+def batch_norm(approach="batch", channels=3, axis_name: Any = "batch", **kwargs):
+    """A `BatchNorm`; `approach="mode=batch"` spells it `mode="batch"`."""
+    if approach == "mode=batch":
+        return eqx.nn.BatchNorm(channels, axis_name, mode="batch", **kwargs)
+    return eqx.nn.BatchNorm(channels, axis_name, approach=approach, **kwargs)
 
 
-def make(approach="batch", channels=3, axis_name="batch", **kwargs):
+def make(*args, **kwargs):
     """A `BatchNorm` and its state."""
-    return eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        channels, axis_name, **spelling(approach), **kwargs
-    )
+    return eqx.nn.make_with_state(batch_norm)(*args, **kwargs)
 
 
 def run(layer, x, state, inference=False, axis_name="batch"):

@@ -20,6 +20,7 @@ from hypothesis import given, HealthCheck, settings, strategies as st
 
 from .batch_norm_reference import (
     APPROACHES,
+    batch_norm,
     DEBIASED,
     EPS32,
     inference_stats,
@@ -27,7 +28,6 @@ from .batch_norm_reference import (
     moments,
     normalise,
     run,
-    spelling,
     tolerance,
     training_output,
 )
@@ -363,6 +363,7 @@ def test_debiased_running_mean_equals_haiku_ema(xs, momentum):
     one_out = np.asarray(run(layer, zeros + 1, state, inference=True)[0])
     first = (0, slice(None)) + (0,) * (zeros.ndim - 2)
     used_mean = -zero_out[first] / (one_out[first] - zero_out[first])
+    assert expected is not None
     np.testing.assert_allclose(used_mean, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -396,9 +397,8 @@ class TwoNorms(eqx.Module):
     second: eqx.nn.BatchNorm
 
     def __init__(self, approach, momentum):
-        kwargs = dict(momentum=momentum, **spelling(approach))
-        self.first = eqx.nn.BatchNorm(3, "batch", **kwargs)
-        self.second = eqx.nn.BatchNorm(2, "batch", **kwargs)
+        self.first = batch_norm(approach, 3, momentum=momentum)
+        self.second = batch_norm(approach, 2, momentum=momentum)
 
     def __call__(self, x, state):
         x, state = self.first(x, state)
@@ -445,9 +445,9 @@ def test_recomputed_statistics_are_the_average_over_batches(
     state = eqx.nn.BatchNorm.recompute_statistics(forward, model, state, xs)
     unbiased = approach in ("batch", "batch_renorm", "mode=batch")
     expected = reference_recompute(xs, unbiased)
-    for layer, (mean, var) in zip((model.first, model.second), expected):
-        probe = rng.normal(size=(4, layer.input_size)).astype(np.float32)
-        out, _ = run(layer, probe, state, inference=True)
+    for norm, (mean, var) in zip((model.first, model.second), expected):
+        probe = rng.normal(size=(4, norm.input_size)).astype(np.float32)
+        out, _ = run(norm, probe, state, inference=True)
         tol = 64 * EPS32 * (1 + np.max(np.abs(mean)) / np.sqrt(np.min(var) + 1e-5))
         if approach == "mode=batch":
             tol *= 1 + momentum / ((1 - momentum) * np.min(var))

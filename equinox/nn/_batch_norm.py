@@ -1,7 +1,7 @@
 import sys
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, get_args, Literal, NamedTuple
+from typing import Any, cast, get_args, Literal, NamedTuple
 
 import jax
 import jax.lax as lax
@@ -245,17 +245,17 @@ class BatchNorm(StatefulLayer):
         else:
             self.weight = None
             self.bias = None
-        running = tuple(_initial(jnp.zeros((input_size,), state_dtype)))
+        mean, var = _initial(jnp.zeros((input_size,), state_dtype))
         if approach == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
-            self.ema_state_index = StateIndex(running)
+            self.ema_state_index = StateIndex((mean, var))
             self.batch_counter = None
             self.batch_state_index = None
         else:
             self.ema_first_time_index = None
             self.ema_state_index = None
             self.batch_counter = StateIndex(jnp.array(0))
-            self.batch_state_index = StateIndex(running)
+            self.batch_state_index = StateIndex((mean, var))
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -279,8 +279,8 @@ class BatchNorm(StatefulLayer):
     ) -> tuple[Array, State]:
         """**Arguments:**
 
-        - `x`: A JAX array of shape `(input_size, dim_1, ..., dim_N)`, for any
-            $N \\geq 0$.
+        - `x`: A JAX array of shape `(input_size, dim_1, ..., dim_N)`, with any number
+            of spatial dimensions, including none.
         - `state`: An [`equinox.nn.State`][] object (which is used to store the
             running averages).
         - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
@@ -659,7 +659,7 @@ def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
             f"Unknown `BatchNorm(approach={approach!r})`; valid approaches are "
             f"{choices}."
         )
-    return approach  # pyright: ignore[reportReturnType]
+    return cast(Approach, approach)
 
 
 def _warn_approach_unset(choices: str) -> None:
@@ -706,10 +706,8 @@ def _resolve_options(
                 f"`BatchNorm({name}=...)` only applies to {owners}, but the approach "
                 f"is {approach!r}. Remove `{name}`, or use {owners}."
             )
-    options = {
-        name: given[name] if given[name] is not None else default
-        for name, default in defaults.items()
-    }
+    options = {name: default for name, default in defaults.items()}
+    options.update((k, v) for k, v in given.items() if v is not None)
     for name, lower in (("r_max", 1), ("d_max", 0)):
         if name in options and not options[name] >= lower:
             raise ValueError(
