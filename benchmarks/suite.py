@@ -394,7 +394,7 @@ def paired(values, baseline) -> dict[str, float]:
     sd = float(d.std(ddof=1)) if n > 1 else float("nan")
     half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
     wins, losses = int(np.sum(d > 0)), int(np.sum(d < 0))
-    p = stats.binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    p = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
     mean = float(d.mean())
     return dict(
         mean=mean,
@@ -555,7 +555,7 @@ def workload_table(results) -> str:
             d = paired(r[key], baseline["accuracy"])
             rows.append(
                 [
-                    label(*config, recomputed),
+                    label(config[0], config[1], recomputed),
                     f"{100 * r[key].mean():.2f} ± {100 * r[key].std(ddof=1):.2f}",
                     "–"
                     if config + (recomputed,) == BASELINE + (False,)
@@ -774,7 +774,7 @@ def plot(all_results, records, out: Path, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--mnist", type=Path, help="folder with MNIST idx .gz files")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per round (3)")
     parser.add_argument("--max-seeds", type=int, default=9, help="at most (9)")

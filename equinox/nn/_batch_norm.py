@@ -370,7 +370,7 @@ class BatchNorm(StatefulLayer):
         state = state.set(step_index, new_steps)
         return state.set(
             running_index,
-            tuple(r.astype(o.dtype) for r, o in zip(running, old_running)),
+            tuple(r.astype(o.dtype) for r, o in zip(running, old_running, strict=True)),
         )
 
     def _reset(self, state: State) -> State:
@@ -378,7 +378,7 @@ class BatchNorm(StatefulLayer):
         step_index, running_index = self._indices()
         steps = state.get(step_index)
         mean, _ = state.get(running_index)
-        new_steps = jnp.ones_like(steps) if self.approach == "ema" else 0 * steps
+        new_steps = (jnp.ones_like if self.approach == "ema" else jnp.zeros_like)(steps)
         return state.set(step_index, new_steps).set(
             running_index, tuple(_initial(mean))
         )
