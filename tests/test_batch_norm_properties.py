@@ -5,8 +5,8 @@ hypothesis against an independent computation: the float64 NumPy closed forms of
 `batch_norm_reference.py`, plain `jax.numpy`, or Flax/Haiku where their semantics
 coincide (skipped when those are not installed).
 
-Hypothesis profiles: `quick` (the default) and `thorough` (for CI), chosen with the
-environment variable `BATCHNORM_HYPOTHESIS_PROFILE`.
+Hypothesis profiles, both deterministic: `quick` (the default) and `thorough` (for
+CI), chosen with the environment variable `BATCHNORM_HYPOTHESIS_PROFILE`.
 """
 
 import os
@@ -37,6 +37,7 @@ settings.register_profile(
     "quick",
     max_examples=12,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
@@ -119,10 +120,10 @@ def test_equal_batches_give_float32_exact_inference_statistics(
     inv_std = (out[1] - out[0]) / (probes[1] - probes[0].astype(np.float64))
     np.testing.assert_allclose(1 / inv_std**2, var, rtol=1e-5)
     used_mean = probes[0] - out[0] / inv_std
-    # The mean is float32: exact to its own resolution at |mean|, and to 1e-5 std.
-    assert np.all(
-        np.abs(used_mean - mean) <= 1e-5 * np.sqrt(var) + EPS32 * np.abs(mean)
-    )
+    # The mean is a float32 sum of 64 values: exact to a few of its own ulps, and to
+    # 1e-5 standard deviations.
+    tol = 1e-5 * np.sqrt(var) + 8 * EPS32 * np.abs(mean)
+    assert np.all(np.abs(used_mean - mean) <= tol)
 
 
 @given(approach=st.sampled_from(LAYOUTS), momentum=momenta, data=st.data())

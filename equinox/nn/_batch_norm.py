@@ -99,23 +99,28 @@ class BatchNorm(StatefulLayer):
 
     !!! example
 
-        Data parallelism with `jax.jit`: shard the batch over devices and `vmap` as
-        usual; JAX computes the statistics across devices.
-
         ```python
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
             64, "batch", approach="batch"
         )
-        batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-        mesh = jax.make_mesh((jax.device_count(),), ("devices",))
-        x = jax.device_put(x, jax.NamedSharding(mesh, jax.P("devices")))
-        y, state = jax.jit(batched)(x, state)  # training
-        y, _ = jax.jit(batched)(x, state, inference=True)  # or `eqx.nn.inference_mode`
+
+        def forward(model, state, x):
+            batched = jax.vmap(
+                model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+            )
+            return batched(x, state)
+
+        # Data parallelism: shard the batch over the devices, and jit.
+        mesh = jax.sharding.Mesh(jax.devices(), ("devices",))
+        devices = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+        x = jax.device_put(x, devices)  # x has shape (batch, 64, ...)
+        y, state = eqx.filter_jit(forward)(bn, state, x)  # training
+        y, _ = eqx.filter_jit(forward)(eqx.nn.inference_mode(bn), state, x)
         ```
 
-        With `jax.shard_map`, name both the mesh axis and the `vmap` axis:
-        `eqx.nn.BatchNorm(64, ("devices", "batch"), ...)`, and pass
-        `check_vma=False` to `shard_map`.
+        Use a mesh with `Auto` axes, as here: `jax.make_mesh`'s default `Explicit`
+        axes make `State.set` fail. With `jax.shard_map` instead, name both axes,
+        `BatchNorm(64, ("devices", "batch"), ...)`, and pass `check_vma=False`.
 
     ??? cite
 
@@ -392,8 +397,8 @@ class BatchNorm(StatefulLayer):
     ) -> State:
         r"""Recomputes the inference statistics of every `BatchNorm` in `model` as the
         exact average over `batches` ("precise batch normalisation"): the mean and the
-        variance that the approach keeps (unbiased for `"batch"` and
-        `"batch_renorm"`) of each batch, each weighted equally.
+        variance that the approach keeps of each batch (unbiased for `"batch"` and
+        `"batch_renorm"`, biased for the `"ema"` family), each weighted equally.
 
         Running averages lag behind the network while it trains, most of all at high
         momentum. Recomputing them after training, from some twenty training batches
