@@ -33,20 +33,14 @@ from .batch_norm_reference import (
 )
 
 
-settings.register_profile(
-    "quick",
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+for name, examples in (("quick", 12), ("thorough", 100)):
+    settings.register_profile(
+        name,
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 settings.load_profile(os.environ.get("BATCHNORM_HYPOTHESIS_PROFILE", "quick"))
 
 # Every approach, and `mode="batch"` (0.13's encoding of the state).
