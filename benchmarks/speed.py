@@ -466,18 +466,23 @@ def main(argv=None) -> None:
         f"\n## ResNet SGD step (width {width}, batch {batch}, {image}x{image}, "
         "5 norm layers)\n"
     )
-    none, cells = times["none"], []
+
+    # The cost of the norm layers is each round's time minus the same round's time
+    # without them; the median of that, over the floor's median of that.
+    def added(kind: str) -> float:
+        paired = zip(times[kind], times["none"], strict=True)
+        return statistics.median(t - n for t, n in paired)
+
+    floor_added, cells = added("floor"), []
     for kind in kinds:
-        per_layer = [
-            (t - n) / (f - n) if f > n else float("nan")
-            for t, n, f in zip(times[kind], none, times["floor"])
-        ]
         cells.append(
             [
                 kind,
                 f"{statistics.median(times[kind]) * 1e3:.3f}",
                 f"{min(times[kind]) * 1e3:.3f}–{max(times[kind]) * 1e3:.3f}",
-                f"{statistics.median(per_layer):.3f}",
+                f"{added(kind) / floor_added:.3f}"
+                if floor_added > 0
+                else "n/a (the floor's cost is below the noise)",
             ]
         )
     header = ["norm", "median ms", "min–max ms", "per-layer cost vs floor layer"]
