@@ -791,10 +791,11 @@ def main(argv=None) -> None:
         for w in WORKLOADS
         if args.workloads is None or w.name in args.workloads
     ]
-    trainings = sum(len(configurations(w)) for w in workloads)
+    count = sum(len(configurations(w)) for w in workloads)
     print(
-        f"{len(workloads)} workloads, {trainings} trainings, "
-        f"{args.seeds} seeds (up to {args.max_seeds} where close to noise); images: "
+        f"{len(workloads)} workloads, {count} configurations, each trained on "
+        f"{args.seeds} seeds at once (a line each), then on {args.seeds} more at a "
+        f"time, up to {args.max_seeds}, where a difference is close to noise; images: "
         f"{source}; bundled digits: {len(digits[0])} train / {len(digits[2])} held out",
         flush=True,
     )
