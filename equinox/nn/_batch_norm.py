@@ -94,8 +94,8 @@ class BatchNorm(StatefulLayer):
 
     !!! warning
 
-        This layer must be used inside a `vmap`, `pmap` or `shard_map` with a
-        matching `axis_name`. (Not doing so raises a `NameError`.)
+        Call this layer from within a `vmap`, `pmap` or `shard_map` whose axis names
+        include `axis_name`; otherwise JAX raises a `NameError`.
 
     !!! example
 
@@ -166,17 +166,18 @@ class BatchNorm(StatefulLayer):
     axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = field(static=True)
+    approach: Approach = field(static=True)
+    mode: str | None = field(static=True)
     eps: float = field(static=True)
     channelwise_affine: bool = field(static=True)
     momentum: float = field(static=True)
-    approach: Approach = field(static=True)
-    mode: str | None = field(static=True)
     r_max: float | None = field(static=True)
     d_max: float | None = field(static=True)
     warmup: int | None = field(static=True)
 
     def __init__(
         self,
+        # The positional arguments keep Equinox 0.13's order.
         input_size: int,
         axis_name: Hashable | Sequence[Hashable],
         eps: float = 1e-5,
@@ -193,27 +194,27 @@ class BatchNorm(StatefulLayer):
     ):
         r"""**Arguments:**
 
-        - `input_size`: The number of channels in the input array.
-        - `axis_name`: The name of the batch axis to compute statistics over, as passed
-            to `axis_name` in `jax.vmap`, `jax.pmap` or `jax.shard_map`. Can also be a
-            sequence (e.g. a tuple or a list) of names, to compute statistics over
-            multiple named axes.
-        - `eps`: Value added to the variance for numerical stability.
-        - `channelwise_affine`: Whether the module has learnable channel-wise affine
-            parameters.
+        - `input_size`: How many channels each example has (the size of its first
+            axis).
+        - `axis_name`: The named axis (of a `jax.vmap`, `jax.pmap` or `jax.shard_map`)
+            over which the batch statistics are reduced, or a sequence of such names to
+            reduce over several at once.
+        - `eps`: Added to the variance before its square root is taken, so that
+            channels of (near) zero variance do not divide by zero.
+        - `channelwise_affine`: If `True`, learn a scale $\gamma$ and an offset $\beta$
+            per channel; if `False`, use $\gamma = 1, \beta = 0$.
         - `momentum`: The weight $m$ kept on the old running averages, in $(0, 1)$.
             PyTorch's `momentum=0.1` is `momentum=0.9` here. Defaults to `0.9`, or to
             `0.99` for `approach="ema"` and whenever `mode` is used, as in Equinox
             0.13.
-        - `inference`: If `False` then the batch statistics are computed and the
-            running averages updated. If `True` then the running averages are used and
-            the state is unchanged. This may be toggled with
-            [`equinox.nn.inference_mode`][] or overridden during
+        - `inference`: `False` to train (normalise as `approach` says and update the
+            running averages), `True` to infer (normalise with the running averages and
+            leave the state alone). Usually set for a whole model with
+            [`equinox.nn.inference_mode`][]; a call can override it, see
             [`equinox.nn.BatchNorm.__call__`][].
-        - `dtype`: The dtype of the weight and the bias. Defaults to either
-            `jax.numpy.float32` or `jax.numpy.float64` depending on whether JAX is in
-            64-bit mode. The running averages are kept in this dtype or float32,
-            whichever is wider.
+        - `dtype`: The dtype of $\gamma$ and $\beta$: JAX's default floating dtype
+            (float32, or float64 with `jax_enable_x64`) unless given. The running
+            averages use this dtype or float32, whichever is wider.
         - `mode`: Equinox 0.13's name for `approach`, accepting `"ema"` or `"batch"`.
             It keeps 0.13's encoding of the state, so that 0.13 checkpoints load
             exactly; new code should use `approach`.
@@ -244,12 +245,9 @@ class BatchNorm(StatefulLayer):
         dtype = default_floating_dtype() if dtype is None else dtype
         with jax.numpy_dtype_promotion("standard"):
             state_dtype = jnp.promote_types(dtype, jnp.float32)
-        if channelwise_affine:
-            self.weight = jnp.ones((input_size,), dtype=dtype)
-            self.bias = jnp.zeros((input_size,), dtype=dtype)
-        else:
-            self.weight = None
-            self.bias = None
+        ones = jnp.ones((input_size,), dtype)
+        self.weight = ones if channelwise_affine else None
+        self.bias = jnp.zeros_like(ones) if channelwise_affine else None
         mean, var = _initial(jnp.zeros((input_size,), state_dtype))
         if approach == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
@@ -284,15 +282,14 @@ class BatchNorm(StatefulLayer):
     ) -> tuple[Array, State]:
         """**Arguments:**
 
-        - `x`: A JAX array of shape `(input_size, dim_1, ..., dim_N)`, with any number
-            of spatial dimensions, including none.
-        - `state`: An [`equinox.nn.State`][] object (which is used to store the
-            running averages).
-        - `key`: Ignored; provided for compatibility with the rest of the Equinox API.
+        - `x`: One example, of shape `(input_size, *spatial)`, with zero or more
+            spatial axes.
+        - `state`: The [`equinox.nn.State`][] holding the step count and the running
+            averages.
+        - `key`: Unused, and accepted so that this layer can be called like any other.
             (Keyword only argument.)
-        - `inference`: As per [`equinox.nn.BatchNorm.__init__`][]. If
-            `True` or `False` then it will take priority over `self.inference`. If
-            `None` then the value from `self.inference` will be used.
+        - `inference`: `True` or `False` overrides `self.inference` for this call;
+            `None` uses it. See [`equinox.nn.BatchNorm.__init__`][].
 
         **Returns:**
 
@@ -304,9 +301,8 @@ class BatchNorm(StatefulLayer):
 
         **Raises:**
 
-        A `ValueError` if `x.shape[0] != input_size`. A `NameError` if no `vmap`s are
-        placed around this operation, or if this vmap does not have a matching
-        `axis_name`.
+        A `ValueError` if `x.shape[0] != input_size`. A `NameError` from JAX if the
+        call is not inside a `vmap` (or `pmap`, `shard_map`) named `axis_name`.
         """
         del key
         if x.ndim == 0 or x.shape[0] != self.input_size:
