@@ -707,7 +707,7 @@ def _resolve_options(
                 f"`BatchNorm({name}=...)` only applies to {owners}, but the approach "
                 f"is {approach!r}. Remove `{name}`, or use {owners}."
             )
-    options = {name: default for name, default in defaults.items()}
+    options = dict(defaults)
     options.update((k, v) for k, v in given.items() if v is not None)
     for name, lower in (("r_max", 1), ("d_max", 0)):
         if name in options and not options[name] >= lower:
