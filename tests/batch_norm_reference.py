@@ -18,6 +18,8 @@ import numpy as np
 APPROACHES = ("batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start")
 # The approaches whose running averages are exactly debiased.
 DEBIASED = ("batch", "batch_renorm", "ema_debiased", "ema_smooth_start")
+# The spellings whose running variance is unbiased ("mode=batch" is `mode="batch"`).
+UNBIASED = ("batch", "batch_renorm", "mode=batch")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -33,14 +35,37 @@ def make(*args, **kwargs):
     return eqx.nn.make_with_state(batch_norm)(*args, **kwargs)
 
 
-def run(layer, x, state, inference=False, axis_name="batch"):
-    """Calls `layer` on a batch, under `vmap` with the batch axis named."""
+def run(layer, x, state, inference=False, axis_name="batch", mask=None):
+    """Calls `layer` on a batch, under `vmap` with the batch axis named; `mask`, if
+    given, has one entry per example (its leading axis)."""
     if inference:
         layer = eqx.nn.inference_mode(layer)
+    if mask is None:
+        call = lambda x, state, mask: layer(x, state)
+    else:
+        call = lambda x, state, mask: layer(x, state, mask=mask)
     batched = jax.vmap(
-        layer, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None)
+        call, axis_name=axis_name, in_axes=(0, None, 0), out_axes=(0, None)
     )
-    return batched(jnp.asarray(x), state)
+    return batched(jnp.asarray(x), state, None if mask is None else jnp.asarray(mask))
+
+
+def channel(values, ndim):
+    """Per-channel values shaped to broadcast against `(batch, channels, *spatial)`."""
+    return np.reshape(values, (1, -1) + (1,) * (ndim - 2))
+
+
+def valid_values(x, mask=None):
+    """Float64 `(channels, n)`: each channel's valid values, with `mask` of shape
+    `(batch, *spatial)` or any shape that broadcasts to it."""
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), 1, 0)
+    if mask is None:
+        return x.reshape(x.shape[0], -1)
+    mask = np.broadcast_to(
+        np.reshape(mask, np.shape(mask) + (1,) * (x.ndim - 1 - np.ndim(mask))),
+        x.shape[1:],
+    )
+    return x[:, mask]
 
 
 def tolerance(momentum, steps, mean=0.0, var=1.0):
@@ -52,15 +77,26 @@ def tolerance(momentum, steps, mean=0.0, var=1.0):
     return 16 * EPS32 * effective * amplification
 
 
-def moments(x):
-    """Per-channel mean, biased variance and unbiased variance of one batch, with `n`
-    counting every value reduced per channel."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = (0,) + tuple(range(2, x.ndim))
-    n = x.size // x.shape[1]
-    mean = x.mean(axis=axes)
-    var = x.var(axis=axes)
+def moments(x, mask=None):
+    """Per-channel mean, biased variance and unbiased variance of the valid values of
+    one batch, with `n` counting every valid value per channel."""
+    values = valid_values(x, mask)
+    n = values.shape[1]
+    mean = values.mean(axis=1)
+    var = values.var(axis=1)
     return mean, var, var * n / max(n - 1, 1)
+
+
+def pooled_statistics(batches, masks, unbiased):
+    """What recomputation gives: the mean of all valid values, and the pooled
+    within-batch variance sum_b M2_b / sum_b (n_b - 1) (or / sum of n_b over batches
+    with n_b >= 2, for biased variances)."""
+    values = [valid_values(x, m) for x, m in zip(batches, masks)]
+    mean = np.concatenate(values, axis=1).mean(axis=1)
+    m2 = sum(((v - v.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) for v in values)
+    counts = [v.shape[1] for v in values]
+    dof = sum(n - 1 if unbiased else n for n in counts if n >= 2)
+    return mean, m2 / dof
 
 
 def weights(approach, k, momentum):
@@ -81,18 +117,16 @@ def inference_stats(approach, batches, momentum):
         return np.float64(0.0), np.float64(1.0)
     stats = [moments(b) for b in batches]
     w = weights(approach, len(batches), momentum)
-    unbiased = approach in ("batch", "batch_renorm", "mode=batch")
     mean = sum(wi * s[0] for wi, s in zip(w, stats))
-    var = sum(wi * s[2 if unbiased else 1] for wi, s in zip(w, stats))
+    var = sum(wi * s[2 if approach in UNBIASED else 1] for wi, s in zip(w, stats))
     return mean, var
 
 
 def normalise(x, mean, var, eps):
     """`(x - mean) / sqrt(var + eps)` with per-channel statistics."""
     x = np.asarray(x, dtype=np.float64)
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = np.reshape(np.broadcast_to(mean, (x.shape[1],)), shape)
-    var = np.reshape(np.broadcast_to(var, (x.shape[1],)), shape)
+    mean = channel(np.broadcast_to(mean, (x.shape[1],)), x.ndim)
+    var = channel(np.broadcast_to(var, (x.shape[1],)), x.ndim)
     return (x - mean) / np.sqrt(var + eps)
 
 
@@ -109,15 +143,14 @@ def training_output(
     if approach in ("batch", "mode=batch"):
         return normalise(x, mean_b, var_b, eps)
     t = warmup_fraction(k, warmup)
-    channel = (1, -1) + (1,) * (x.ndim - 2)
     if approach == "batch_renorm":
         mean_r, var_r = inference_stats(approach, batches[:-1], momentum)
         std_b, std_r = np.sqrt(var_b + eps), np.sqrt(var_r + eps)
         r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
         r = np.clip(std_b / std_r, 1 / r_bound, r_bound)
         d = np.clip((mean_b - mean_r) / std_r, -d_bound, d_bound)
-        return normalise(x, mean_b, var_b, eps) * r.reshape(channel) + d.reshape(
-            channel
+        return normalise(x, mean_b, var_b, eps) * channel(r, x.ndim) + channel(
+            d, x.ndim
         )
     if approach == "ema_smooth_start":
         # Equinox issue #659: the moving average started at zero, plus m^k times this

@@ -18,7 +18,9 @@ from .batch_norm_reference import (
     inference_stats,
     make,
     normalise,
+    pooled_statistics,
     run,
+    UNBIASED,
 )
 
 
@@ -39,12 +41,15 @@ def test_unset_approach_warns_with_the_choices_and_the_recommendation():
     for approach in APPROACHES:
         assert repr(approach) in message
     assert "approach=" in message and "'batch' is recommended" in message
-    assert "recompute_statistics" in message and "batch_norm_approaches" in message
-    assert layer.approach == "ema" and layer.momentum == 0.99
+    assert "recompute_batch_norm_statistics" in message
+    assert "batch_norm_approaches" in message
+    assert layer.approach == "ema" and layer.mode == "ema" and layer.momentum == 0.99
 
 
 @pytest.mark.parametrize("mode", ("ema", "batch"))
 def test_mode_is_a_silent_spelling_with_the_0_13_layout(mode):
+    """`mode="ema" | "batch"` do not warn, keep `bn.mode` as in 0.13.8, and have the
+    state layout of the same approach; `approach=` layers have `mode=None`."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         old, old_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "b", mode=mode)
@@ -63,8 +68,9 @@ def test_default_momentum_is_0_9_except_for_the_0_13_spellings():
     assert make("batch", momentum=0.5)[0].momentum == 0.5
 
 
-def test_positional_arguments_keep_upstream_order():
+def test_positional_arguments_keep_0_13_order():
     layer = eqx.nn.BatchNorm(4, "b", 0.1, False, 0.5, True, jnp.float32, "batch")
+    assert layer.mode == "batch"
     assert (layer.input_size, layer.axis_name, layer.eps) == (4, "b", 0.1)
     assert (layer.channelwise_affine, layer.momentum) == (False, 0.5)
     assert layer.inference is True and layer.approach == "batch"
@@ -73,18 +79,19 @@ def test_positional_arguments_keep_upstream_order():
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(approach="batchnorm"), ["approach='batchnorm'", "'ema_smooth_start'"]),
-        (dict(mode="legacy"), ["mode", "'legacy'", "approach="]),
         (dict(mode="batch", approach="batch"), ["only one", "drop `mode`"]),
         (dict(approach="batch", momentum=0.0), ["momentum", "between 0 and 1"]),
         (dict(approach="batch", momentum=1.0), ["momentum", "0.9"]),
+        (dict(approach="batch", momentum=1 - 1e-9), ["momentum", "float32"]),
+        (dict(approach="batch", momentum=1e-50), ["momentum", "float32"]),
         (dict(approach="batch", eps=-1e-5), ["eps", "non-negative"]),
+        (dict(approach="batch", eps=float("nan")), ["eps", "non-negative"]),
         (dict(approach="batch", r_max=2.0), ["r_max", "batch_renorm", "Remove"]),
         (dict(approach="ema", d_max=2.0), ["d_max", "batch_renorm"]),
         (dict(approach="batch", warmup=10), ["warmup", "ema_smooth_start"]),
         (dict(approach="batch_renorm", r_max=0.5), ["r_max", "at least 1"]),
         (dict(approach="batch_renorm", d_max=-1.0), ["d_max", "at least 0"]),
-        (dict(approach="ema_smooth_start", warmup=-3), ["warmup", "non-negative"]),
+        (dict(approach="ema_smooth_start", warmup=-3), ["warmup", "at least 0"]),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_fix(kwargs, words):
@@ -92,6 +99,50 @@ def test_bad_arguments_name_the_argument_and_the_fix(kwargs, words):
         eqx.nn.BatchNorm(3, "batch", **kwargs)
     for word in words:
         assert word in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(input_size=0),
+        dict(input_size=-2),
+        dict(input_size=2.0),
+        dict(input_size="3"),
+        dict(momentum="0.9"),
+        dict(eps="1e-5"),
+        dict(approach="batch_renorm", r_max=True),
+        dict(approach="ema_smooth_start", warmup=2.5),
+        dict(approach="batchnorm"),
+        dict(approach=None, mode="bat"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_refused_naming_the_argument(kwargs):
+    """A `ValueError` from the layer, or a `TypeError` from a runtime type-checker
+    (as under upstream's test settings): either way naming the argument and, for the
+    strings, the valid choices."""
+    arguments = dict(input_size=3, approach="batch") | kwargs
+    with pytest.raises((ValueError, TypeError)) as error:
+        eqx.nn.BatchNorm(axis_name="batch", **arguments)
+    name = [k for k, v in kwargs.items() if v is not None and v != "batchnorm"]
+    name = name[0] if name else "approach"
+    assert name in str(error.value)
+    if name in ("approach", "mode"):
+        assert "'ema_smooth_start'" in str(error.value) or "'legacy'" in str(
+            error.value
+        )
+
+
+def test_numpy_numbers_are_numbers():
+    layer = eqx.nn.BatchNorm(
+        3,
+        "batch",
+        eps=np.float64(1e-3),
+        momentum=np.float64(0.5),
+        approach="batch_renorm",
+        warmup=np.int64(5),
+    )
+    assert (layer.eps, layer.warmup, layer.momentum) == (1e-3, 5, 0.5)
+    assert type(layer.warmup) is int and type(layer.momentum) is float
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
@@ -110,10 +161,25 @@ def test_missing_axis_name_is_a_name_error():
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
-def test_single_value_per_channel_stays_finite(approach):
-    """One example without spatial dimensions: the state and the gradient are finite,
-    and the batch-statistics approaches output the bias (variance 0)."""
+def test_one_value_per_channel_is_refused_in_training(approach):
+    """For `approach=`, a training batch of one example without spatial axes has no
+    variance: a clear error at trace time (as PyTorch). Inference accepts it."""
     layer, state = make(approach)
+    with pytest.raises(ValueError, match="one value per channel"):
+        jax.eval_shape(lambda x: run(layer, x, state), jnp.zeros((1, 3)))
+    out, _ = run(layer, jnp.ones((1, 3)), state, inference=True)
+    assert out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("approach", ("ema", "mode=batch"))
+def test_single_value_per_channel_stays_finite_with_mode(approach):
+    """With `mode=` (as in 0.13.8, whose tests differentiate through a batch of one),
+    one example without spatial dimensions gives a finite state and gradient, and
+    outputs the bias."""
+    if approach == "ema":
+        layer, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="ema")
+    else:
+        layer, state = make(approach)
     layer = eqx.tree_at(lambda m: m.bias, layer, jnp.array([1.0, 2.0, 3.0]))
 
     def loss(x):
@@ -122,8 +188,7 @@ def test_single_value_per_channel_stays_finite(approach):
 
     grad, (out, new_state) = jax.grad(loss, has_aux=True)(jnp.array([[0.3, -2, 7]]))
     assert bool(jnp.all(jnp.isfinite(grad)))
-    if approach != "ema":  # "ema" blends in its running averages
-        np.testing.assert_allclose(out, [[1.0, 2.0, 3.0]], atol=1e-3)
+    np.testing.assert_allclose(out, [[1.0, 2.0, 3.0]], atol=1e-3)
     for leaf in jax.tree_util.tree_leaves(new_state):
         assert bool(jnp.all(jnp.isfinite(leaf)))
 
@@ -335,7 +400,12 @@ def training_step(layer, state, x, cotangent):
     return out, state, grads
 
 
-@pytest.mark.parametrize("approach", APPROACHES)
+# The collectives do not depend on the approach: "batch_renorm" uses both the batch
+# statistics and the running averages, and "mode=batch" 0.13's encoding.
+MULTI_DEVICE = ("batch_renorm", "mode=batch")
+
+
+@pytest.mark.parametrize("approach", MULTI_DEVICE)
 def test_jit_with_a_sharded_batch_equals_one_device(approach):
     """Data parallelism as most users write it: `jax.jit`, the batch sharded over a
     `Mesh` by a `NamedSharding`, and the layer under a plain `vmap`. Outputs, state and
@@ -355,55 +425,143 @@ def test_jit_with_a_sharded_batch_equals_one_device(approach):
         one_state, many_state = one[1], many[1]
 
 
-@pytest.mark.parametrize("approach", APPROACHES)
-def test_shard_map_equals_one_device(approach):
-    """`jax.shard_map` over the devices, with the `vmap` axis inside it named too.
-    `check_vma=False`: JAX's varying-axes check rejects a collective over both a mesh
-    axis and a `vmap` axis ("jax.lax.psum can only accept axis_name which corresponds
-    to one of varying, unreduced, reduced or invarying state of the input")."""
-    mesh = Mesh(devices(), ("devices",))
-    layer, state = make(approach, axis_name=("devices", "batch"))
-    single = jax.jit(
-        lambda x, s: run(eqx.tree_at(lambda m: m.axis_name, layer, "batch"), x, s)
-    )
-    sharded = jax.jit(
+def shard_mapped(layer, mesh, masked):
+    """`layer` under `jax.shard_map` over the devices, with the `vmap` axis inside it
+    named too. `check_vma=False`: JAX's varying-axes check rejects a collective over
+    both a mesh axis and a `vmap` axis."""
+    specs = (P("devices"), P(), P("devices"))
+    return jax.jit(
         jax.shard_map(
-            lambda x, s: run(layer, x, s),
+            lambda x, s, mask: run(layer, x, s, mask=mask if masked else None),
             mesh=mesh,
-            in_specs=(P("devices"), P()),
+            in_specs=specs,
             out_specs=(P("devices"), P()),
             check_vma=False,
         )
     )
-    one_state = many_state = state
-    for seed in range(3):
-        x = normal(seed, (4 * len(mesh.devices), 3, 4), loc=seed, scale=1.0 + seed)
-        one = single(x, one_state)
-        many = sharded(x, many_state)
-        assert_trees_close(many, one, rtol=1e-5)
-        one_state, many_state = one[1], many[1]
 
 
-@pytest.mark.parametrize("approach", APPROACHES)
-def test_pmap_equals_one_device(approach):
+def pmapped(layer, count, masked):
+    return lambda x, s, mask: jax.pmap(
+        lambda x, s, mask: run(layer, x, s, mask=mask if masked else None),
+        axis_name="devices",
+        in_axes=(0, None, 0),
+        out_axes=(0, None),
+    )(
+        x.reshape(count, -1, *x.shape[1:]),
+        s,
+        mask.reshape(count, -1, *mask.shape[1:]),
+    )
+
+
+@pytest.mark.parametrize("approach", MULTI_DEVICE)
+@pytest.mark.parametrize("transform", ("shard_map", "pmap"))
+def test_per_device_reductions_equal_one_device(approach, transform):
+    """Under `shard_map` and `pmap`, where each device reduces its own shard, outputs
+    and state equal one device's on the whole batch."""
     count = len(devices())
+    mesh = Mesh(devices(), ("devices",))
     layer, state = make(approach, axis_name=("devices", "batch"))
     single = eqx.tree_at(lambda m: m.axis_name, layer, "batch")
-    pmapped = jax.pmap(
-        lambda x, s: run(layer, x, s),
-        axis_name="devices",
-        in_axes=(0, None),
-        out_axes=(0, None),
-    )
+    if transform == "shard_map":
+        many_devices = shard_mapped(layer, mesh, masked=False)
+    else:
+        many_devices = pmapped(layer, count, masked=False)
     one_state = many_state = state
-    for seed in range(2):
+    for seed in range(3):
         x = normal(seed, (4 * count, 3, 4), loc=seed, scale=1.0 + seed)
         out, one_state = run(single, x, one_state)
-        many, many_state = pmapped(x.reshape(count, 4, 3, 4), many_state)
+        many, many_state = many_devices(x, many_state, np.ones(len(x), bool))
         assert_trees_close((many.reshape(x.shape), many_state), (out, one_state), 1e-5)
 
 
-# `BatchNorm.recompute_statistics`.
+def padded(x, valid, garbage=np.nan):
+    """`x` with the examples where `valid` is false replaced by `garbage`."""
+    return np.where(np.reshape(valid, (-1,) + (1,) * (x.ndim - 1)), x, garbage)
+
+
+@pytest.mark.parametrize("transform", ("jit", "shard_map", "pmap"))
+def test_padded_batches_on_many_devices_equal_the_real_data_on_one(transform):
+    """Whole examples masked out, unevenly across devices (the first device holds only
+    padding, filled with NaN): outputs at valid positions, the state and the
+    gradients equal one device's run on the real examples alone, step after step."""
+    count = len(devices())
+    mesh = Mesh(devices(), ("devices",))
+    names = "batch" if transform == "jit" else ("devices", "batch")
+    layer, state = make("batch_renorm", axis_name=names, warmup=0)
+    single = eqx.tree_at(lambda m: m.axis_name, layer, "batch")
+
+    def loss(layer, x, state, mask, cotangent, call):
+        out, state = call(layer, x, state, mask)
+        return jnp.sum(jnp.where(mask[:, None, None], cotangent * out, 0)), (out, state)
+
+    def sharded_call(layer, x, state, mask):
+        if transform == "shard_map":
+            return shard_mapped(layer, mesh, masked=True)(x, state, mask)
+        if transform == "pmap":
+            out, state = pmapped(layer, count, masked=True)(x, state, mask)
+            return out.reshape(x.shape), state
+        return run(layer, x, state, mask=mask)
+
+    grad = eqx.filter_grad(loss, has_aux=True)
+    rng = np.random.default_rng(0)
+    one_state = many_state = state
+    for seed in range(3):
+        per_device = 4
+        mask = rng.random(per_device * count) < 0.6
+        mask[:per_device] = False  # the first device holds only padding
+        mask[per_device] = True
+        x = normal(seed, (per_device * count, 3, 5), loc=seed, scale=1.0 + seed)
+        cotangent = normal(seed + 10, x.shape)
+        garbage = padded(x, mask)
+        if transform == "jit":
+            garbage = jax.device_put(garbage, NamedSharding(mesh, P("devices")))
+        grads_many, (out_many, many_state) = grad(
+            layer, garbage, many_state, mask, cotangent, sharded_call
+        )
+        grads_one, (out_one, one_state) = grad(
+            single,
+            x[mask],
+            one_state,
+            np.ones(mask.sum(), bool),
+            cotangent[mask],
+            lambda layer, x, state, mask: run(layer, x, state),
+        )
+        assert_trees_close(
+            (
+                np.asarray(out_many)[mask],
+                many_state,
+                grads_many.weight,
+                grads_many.bias,
+            ),
+            (out_one, one_state, grads_one.weight, grads_one.bias),
+            rtol=1e-5,
+        )
+        np.testing.assert_array_equal(np.asarray(out_many)[~mask], 0)
+
+
+@pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
+def test_a_batch_without_valid_values_changes_nothing(approach):
+    """A training step whose mask is false everywhere leaves the state exactly as it
+    was, and outputs zeros, with NaN in the padding."""
+    layer, state = make(approach)
+    _, state = run(layer, normal(0, (8, 3, 2)), state)
+    x = np.full((8, 3, 2), np.nan, np.float32)
+    out, new_state = run(layer, x, state, mask=np.zeros((8, 2), bool))
+    np.testing.assert_array_equal(out, 0)
+    assert eqx.tree_equal(new_state, state)
+
+
+def test_bad_masks_are_refused_at_trace_time():
+    layer, state = make("batch")
+    x = jnp.zeros((4, 3, 5))
+    # An integer mask is a `TypeError` under a runtime type-checker.
+    for mask in (jnp.ones((4, 5), jnp.int32), jnp.ones((4, 2), bool)):
+        with pytest.raises((ValueError, TypeError), match="mask"):
+            jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
+
+
+# `eqx.nn.recompute_batch_norm_statistics`.
 
 
 class Net(eqx.Module):
@@ -433,6 +591,9 @@ def forward(model, state, x):
     return run(model, x, state)
 
 
+recompute = eqx.nn.recompute_batch_norm_statistics
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_recompute_twice_changes_nothing_and_leaves_other_state_alone(approach, getkey):
     model, state = eqx.nn.make_with_state(Net)(approach, getkey())
@@ -441,18 +602,13 @@ def test_recompute_twice_changes_nothing_and_leaves_other_state_alone(approach, 
     spectral = model.layers[1]
     before = state.get(spectral.uv_index)
     batches = normal(7, (5, 16, 3), loc=-1.0, scale=3.0)
-    recompute = eqx.filter_jit(eqx.nn.BatchNorm.recompute_statistics)
     once = recompute(forward, model, state, batches)
     twice = recompute(forward, model, once, batches)
     for a, b in zip(before, once.get(spectral.uv_index)):
         np.testing.assert_array_equal(a, b)
-    assert jax.tree_util.tree_all(
-        jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), once, twice)
-    )
+    assert eqx.tree_equal(once, twice)
     for norm in (model.layers[0], model.layers[3]):
-        assert not eqx.tree_equal(
-            once.get(norm._indices()[1]), state.get(norm._indices()[1])
-        )
+        assert not eqx.tree_equal(once.substate(norm), state.substate(norm))
 
 
 def test_recompute_on_sharded_batches_equals_one_device(getkey):
@@ -460,21 +616,94 @@ def test_recompute_on_sharded_batches_equals_one_device(getkey):
     model, state = eqx.nn.make_with_state(Net)("batch", getkey())
     batches = normal(8, (4, 4 * len(mesh.devices), 3), loc=1.0, scale=2.0)
     sharded = jax.device_put(batches, NamedSharding(mesh, P(None, "devices")))
-    recompute = eqx.filter_jit(eqx.nn.BatchNorm.recompute_statistics)
     one = recompute(forward, model, state, batches)
     many = recompute(forward, model, state, sharded)
     assert_trees_close(many, one, rtol=1e-5)
+
+
+def test_recompute_accepts_any_forward_that_trains(getkey):
+    """A `forward` that closes over `state` inside its `vmap` trains, and so it also
+    recomputes (0.13's "old state" check must not fire)."""
+    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+
+    def closing(model, state, x):
+        return jax.vmap(
+            lambda x: model(x, state), axis_name="batch", out_axes=(0, None)
+        )(x)
+
+    batches = normal(1, (3, 8, 3))
+    copy = jax.tree_util.tree_map(lambda x: x, state)  # `State.set` spends its input
+    _, trained = closing(model, copy, batches[0])  # it trains
+    assert not eqx.tree_equal(trained, state)
+    expected = recompute(forward, model, state, batches)
+    assert eqx.tree_equal(recompute(closing, model, state, batches), expected)
+
+
+def test_recompute_streams_lists_and_generators_like_the_stack(getkey):
+    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+    batches = normal(2, (4, 8, 3), loc=1.0, scale=2.0)
+    stacked = recompute(forward, model, state, batches)
+    listed = recompute(forward, model, state, list(batches))
+    generated = recompute(forward, model, state, (b for b in batches))
+    assert_trees_close(listed, stacked, rtol=1e-6)
+    assert_trees_close(generated, stacked, rtol=1e-6)
+
+
+def test_recompute_counts_each_call_as_a_batch():
+    """A `BatchNorm` called twice per `forward` (on two halves of each batch) gives the
+    statistics of four half-batches: the pooled formula, in float64."""
+    layer, state = make("batch")
+
+    def twice(model, state, x):
+        first, state = run(model, x[:4], state)
+        second, state = run(model, x[4:], state)
+        return jnp.concatenate([first, second]), state
+
+    batches = normal(3, (2, 8, 3, 2), loc=2.0, scale=3.0)
+    state = recompute(twice, layer, state, batches)
+    halves = [b[:4] for b in batches] + [b[4:] for b in batches]
+    mean, var = pooled_statistics(halves, [None] * 4, unbiased=True)
+    probe = normal(4, (5, 3, 2))
+    out, _ = run(layer, probe, state, inference=True)
+    np.testing.assert_allclose(out, normalise(probe, mean, var, 1e-5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
+def test_recompute_is_float32_exact_for_small_activations(approach):
+    """At momentum 0.999 and std 1e-3, inference after recomputing uses the pooled
+    statistics to float32 precision, for every approach and spelling (0.13's
+    `mode="batch"` encoding included)."""
+    layer, state = make(approach, momentum=0.999, eps=0.0)
+    batches = normal(5, (20, 64, 3), loc=0.01, scale=1e-3)
+    state = recompute(forward, layer, state, batches)
+    mean, var = pooled_statistics(batches, [None] * 20, approach in UNBIASED)
+    probe = normal(6, (4, 3), loc=0.01, scale=1e-3)
+    out, _ = run(layer, probe, state, inference=True)
+    expected = normalise(probe, mean, var, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_recompute_explains_misuse(getkey):
     model, state = eqx.nn.make_with_state(Net)("batch", getkey())
     batches = normal(0, (2, 8, 3))
     with pytest.raises(ValueError, match="no `BatchNorm`"):
-        eqx.nn.BatchNorm.recompute_statistics(
-            forward, eqx.nn.Identity(), eqx.nn.State(eqx.nn.Identity()), batches
-        )
+        recompute(forward, eqx.nn.Identity(), eqx.nn.State(eqx.nn.Identity()), batches)
+    freezing = lambda model, state, x: forward(eqx.nn.inference_mode(model), state, x)
+    for call in (freezing, eqx.filter_jit(freezing)):
+        with pytest.raises(ValueError, match="inference mode"):
+            recompute(call, model, state, batches)
+    # A model passed in inference mode (say, to switch dropout off) is fine: its
+    # `BatchNorm`s run in training mode.
     frozen = eqx.nn.inference_mode(model)
-    with pytest.raises(ValueError, match="did not update"):
-        eqx.nn.BatchNorm.recompute_statistics(
-            lambda _, s, x: forward(frozen, s, x), model, state, batches
-        )
+    assert eqx.tree_equal(
+        recompute(forward, frozen, state, batches),
+        recompute(forward, model, state, batches),
+    )
+    with pytest.raises(ValueError, match="did not call"):
+        recompute(lambda _, s, x: forward(model, s, x), model, state, batches)
+    with pytest.raises(ValueError, match="did not call|no batch"):
+        recompute(forward, model, state, [])
+    with pytest.raises(ValueError, match="two or more valid values"):
+        recompute(forward, model, state, [batches[0][:1]])
+    with pytest.raises(ValueError, match="outside `jax.jit`"):
+        eqx.filter_jit(recompute)(forward, model, state, batches)

@@ -1,14 +1,18 @@
+import math
+import numbers
 import sys
 import warnings
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, cast, get_args, Literal, NamedTuple
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, get_args, Literal, NamedTuple
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Inexact, Int, PRNGKeyArray, PyTree
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Inexact, Int, PRNGKeyArray, PyTree
 
+from .._jit import filter_jit
 from .._misc import default_floating_dtype
 from .._module import field
 from .._tree import tree_at
@@ -18,8 +22,106 @@ from ._stateful import State, StateIndex
 
 
 Approach = Literal["batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start"]
-_RECOMMENDED = "batch"
+_RECOMMENDED: Approach = "batch"
 _GUIDE = "https://docs.kidger.site/equinox/api/nn/batch_norm_approaches/"
+# The options each approach takes, with their defaults.
+_OPTIONS: dict[Approach, dict[str, float]] = {
+    "batch_renorm": {"r_max": 3.0, "d_max": 5.0, "warmup": 150},
+    "ema_smooth_start": {"warmup": 0},
+}
+# One pass over the batch is exact enough while its mean is within this many of its
+# standard deviations of the shift; beyond, the sums are redone around the batch mean.
+_MAX_SHIFT = 4.0
+
+
+# Arguments.
+
+
+def _number(name: str, value: Any, integer: bool = False) -> Any:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(
+            f"`BatchNorm({name}=...)` must be {'an integer' if integer else 'a number'}"
+            f", but got {value!r} of type `{type(value).__name__}`."
+        )
+    return int(value) if integer else float(value)
+
+
+def _warn_approach_unset(choices: str) -> None:
+    # Point at the user's line: the first frame outside Equinox and the runtime
+    # type-checkers that may wrap it.
+    frame, level = sys._getframe(), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "equinox",
+        "jaxtyping",
+        "beartype",
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to the "
+        "legacy 'ema' approach (the same as `mode='ema'`), which normalises the "
+        "training forward pass with running averages and often trains poorly (equinox "
+        f"issue #659). Pass `approach=` explicitly, one of {choices}. "
+        f"'{_RECOMMENDED}' is recommended, followed by "
+        "`eqx.nn.recompute_batch_norm_statistics` after training for exact inference "
+        f"statistics. See {_GUIDE} for how to choose.",
+        stacklevel=level,
+    )
+
+
+def _resolve_approach(approach: Any, mode: Any) -> tuple[Approach, str | None]:
+    """The approach, and the value of `BatchNorm.mode`."""
+    choices = ", ".join(repr(a) for a in get_args(Approach))
+    if mode not in ("ema", "batch", "legacy"):
+        raise ValueError(
+            f"`BatchNorm(mode=...)` must be 'ema', 'batch' or 'legacy', but got "
+            f"{mode!r}. New code should pass `approach=` instead, one of {choices}."
+        )
+    if approach is None:
+        if mode == "legacy":
+            _warn_approach_unset(choices)
+            return "ema", "ema"
+        return mode, mode
+    if mode != "legacy":
+        raise ValueError(
+            "Pass only one of `BatchNorm(approach=...)` and `BatchNorm(mode=...)`: "
+            f"`mode` is the older name for `approach`. Got `mode={mode!r}` and "
+            f"`approach={approach!r}`; drop `mode`."
+        )
+    if approach not in get_args(Approach):
+        raise ValueError(
+            f"Unknown `BatchNorm(approach={approach!r})`; valid approaches are "
+            f"{choices}."
+        )
+    return approach, None
+
+
+def _resolve_options(approach: Approach, **given: Any) -> dict[str, Any]:
+    """Checks the approach's options; returns them with their defaults filled in."""
+    defaults = _OPTIONS.get(approach, {})
+    options = dict(defaults)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in defaults:
+            owners = " or ".join(
+                f"`approach={a!r}`" for a, o in _OPTIONS.items() if name in o
+            )
+            raise ValueError(
+                f"`BatchNorm({name}=...)` only applies to {owners}, but the approach "
+                f"is {approach!r}. Remove `{name}`, or use {owners}."
+            )
+        options[name] = _number(name, value, integer=name == "warmup")
+    for name, lower in (("r_max", 1), ("d_max", 0), ("warmup", 0)):
+        if name in options and not lower <= options[name] < math.inf:
+            raise ValueError(
+                f"`BatchNorm({name}=...)` must be finite and at least {lower}, but got "
+                f"{options[name]!r}."
+            )
+    return options
+
+
+# Statistics.
 
 
 class _Stats(NamedTuple):
@@ -27,75 +129,207 @@ class _Stats(NamedTuple):
     var: Array
 
 
-class _Batch(NamedTuple):
-    stats: _Stats  # the batch mean and biased variance
-    unbiased: _Stats  # the batch mean and unbiased variance
-    centred: Array  # the input minus the batch mean
+class _Moments(NamedTuple):
+    count: Array | int  # valid values per channel, over every named axis
+    mean: Array
+    var: Array  # biased
 
 
-class _Affine(NamedTuple):
-    """The output is `centred * scale + shift`, per channel, before `weight` and
-    `bias`."""
+class _Normaliser(NamedTuple):
+    """Normalises as `(x - mean) * scale + offset`, per channel."""
 
+    mean: Array
     scale: Array
-    shift: Array
+    offset: Array | float
+
+
+def _per_channel(values: Array, like: Array) -> Array:
+    return jnp.expand_dims(values, tuple(range(1, like.ndim)))
+
+
+def _sums(
+    x: Array, valid: Array | None, axis_name: Hashable | Sequence[Hashable], shift
+) -> _Moments:
+    """The moments of the valid values of `x`, from sum(x - shift), sum|x - shift|^2
+    and the count: one pass over `x`, one `psum`. Exact while the mean is within a few
+    standard deviations of `shift`."""
+    d = x - _per_channel(shift, x)
+    if valid is not None:
+        d = jnp.where(valid, d, 0)
+    spatial = tuple(range(1, x.ndim))
+    parts = [jnp.sum(d, spatial), jnp.sum(d * jnp.conj(d), spatial)]
+    if valid is None:
+        count = lax.psum(1, axis_name) * math.prod(x.shape[1:])
+    else:
+        parts.append(jnp.sum(valid, dtype=x.dtype)[None])
+    sums = lax.psum(jnp.concatenate(parts), axis_name)
+    channels = x.shape[0]
+    if valid is not None:
+        count = sums[-1].real
+    denominator = jnp.maximum(count, 1)
+    mean = sums[:channels] / denominator
+    square = sums[channels : 2 * channels].real / denominator
+    var = jnp.maximum(square - (mean * jnp.conj(mean)).real, 0)
+    return _Moments(count, shift + mean, var.astype(x.dtype))
+
+
+def _batch_moments(
+    x: Array, valid: Array | None, axis_name: Hashable | Sequence[Hashable], shift
+) -> _Moments:
+    moments = _sums(x, valid, axis_name, shift)
+    distance = (moments.mean - shift) * jnp.conj(moments.mean - shift)
+    far = jnp.any(distance.real > _MAX_SHIFT**2 * moments.var.real)
+    mean, var = lax.cond(
+        far,
+        lambda: _sums(x, valid, axis_name, lax.stop_gradient(moments.mean))[1:],
+        lambda: moments[1:],
+    )
+    return _Moments(moments.count, mean, var)
+
+
+def _bessel(count: Array | int) -> Array | float:
+    """n / (n - 1), which makes the biased variance of n values unbiased."""
+    if isinstance(count, int):
+        return count / max(count - 1, 1)
+    return count / jnp.maximum(count - 1, 1)
+
+
+# Approaches: one function each, from the batch statistics, the running averages and
+# the step number k (from 1) to how to normalise and the new running averages. The
+# formulas are in the table of `BatchNorm`'s docstring.
+
+
+def _running_average(running: _Stats, new: _Stats, step: Array, momentum) -> _Stats:
+    # The exactly debiased average after k steps is x_k + c_k (previous - x_k), with
+    # c_k = (m - m^k) / (1 - m^k): exactly 0 at k = 1, and m once m^k underflows.
+    log_m = jnp.log(momentum)
+    k = step.astype(log_m.dtype)
+    return _blend(
+        running, new, momentum * jnp.expm1((k - 1) * log_m) / jnp.expm1(k * log_m)
+    )
+
+
+def _blend(old: _Stats, new: _Stats, keep) -> _Stats:
+    """`keep * old + (1 - keep) * new`; equal statistics stay exactly unchanged."""
+    return _Stats(*(n + keep * (o - n) for o, n in zip(old, new)))
+
+
+def _warmup_fraction(step: Array, warmup: int, dtype) -> Array:
+    """0 on the first step, rising linearly to 1 at step `warmup + 1`."""
+    return jnp.minimum(1, (step - 1) / max(warmup, 1)).astype(dtype)
+
+
+def _normaliser(stats: _Stats, eps: float) -> _Normaliser:
+    return _Normaliser(stats.mean, lax.rsqrt(stats.var + eps), 0.0)
+
+
+def _batch(batch, unbiased, running, step, momentum, eps):
+    return _normaliser(batch, eps), _running_average(running, unbiased, step, momentum)
+
+
+def _batch_renorm(batch, unbiased, running, step, momentum, eps, r_max, d_max, warmup):
+    t = _warmup_fraction(step, warmup, momentum.dtype)
+    r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
+    std, running_std = jnp.sqrt(batch.var + eps), jnp.sqrt(running.var + eps)
+    r = jnp.clip(std / running_std, 1 / r_bound, r_bound)
+    d = jnp.clip((batch.mean - running.mean) / running_std, -d_bound, d_bound)
+    normaliser = _Normaliser(
+        batch.mean, lax.stop_gradient(r) / std, lax.stop_gradient(d)
+    )
+    return normaliser, _running_average(running, unbiased, step, momentum)
+
+
+def _ema(batch, running, step, momentum, eps):
+    running = _blend(running, batch, jnp.where(step == 1, 0, momentum))
+    return _normaliser(running, eps), running
+
+
+def _ema_debiased(batch, running, step, momentum, eps):
+    running = _running_average(running, batch, step, momentum)
+    return _normaliser(running, eps), running
+
+
+def _ema_smooth_start(batch, running, step, momentum, eps, warmup):
+    running = _running_average(running, batch, step, momentum)
+    t = _warmup_fraction(step, warmup, momentum.dtype)
+    keep = t * (1 - momentum ** step.astype(momentum.dtype))
+    return _normaliser(_blend(running, batch, keep), eps), running
+
+
+# Equinox 0.13's `mode="batch"` state: h_k = m^k (0, 1) + (1 - m^k) x_k for the exactly
+# debiased averages x_k. Kept, so that its checkpoints load.
+
+
+def _decay(steps: Array, momentum: Array) -> tuple[Array, Array]:
+    """`m**k` and `1 - m**k`, the latter to full relative precision."""
+    k_log_m = steps.astype(momentum.dtype) * jnp.log(momentum)
+    return jnp.exp(k_log_m), -jnp.expm1(k_log_m)
+
+
+def _from_0_13(hidden: _Stats, steps: Array, momentum: Array) -> _Stats:
+    decay, weight = _decay(steps, momentum)
+    weight = jnp.where(steps == 0, 1, weight)  # step 0 is read as the initial stats
+    return _Stats(hidden.mean / weight, (hidden.var - decay) / weight)
+
+
+def _to_0_13(running: _Stats, steps: Array, momentum: Array) -> _Stats:
+    decay, weight = _decay(steps, momentum)
+    return _Stats(running.mean * weight, running.var * weight + decay)
+
+
+def _initial(like: Array) -> _Stats:
+    """The statistics before any training step: mean 0, variance 1."""
+    return _Stats(jnp.zeros_like(like), jnp.ones_like(like))
+
+
+def _saturated_steps(momentum: float) -> int:
+    """A step count at which m**k is 0 in float32: the debiasing has no effect."""
+    return min(2**31 - 2, math.ceil(-120 / math.log(momentum)))
 
 
 class BatchNorm(StatefulLayer):
     r"""Normalises each channel with statistics computed over the batch (the named
     `vmap`/`pmap`/`shard_map` axes) and all spatial dimensions, then optionally applies
-    a channelwise affine transformation.
+    a channelwise affine transformation:
 
-    Each channel $i$ of the input $x$ becomes
+    $$\frac{x_i - \mu_i}{\sqrt{\sigma^2_i + \varepsilon}} \gamma_i + \beta_i.$$
 
-    $$\frac{x_i - \mu_i}{\sqrt{\sigma^2_i + \varepsilon}} \gamma_i + \beta_i$$
-
-    where $\gamma, \beta$ are learnt if `channelwise_affine=True` (and are $1, 0$
-    otherwise). Which statistics $\mu, \sigma^2$ are used is chosen by `approach`.
-
-    At the $k$-th training step, with momentum $m$, let $\mu_k, \sigma^2_k$ be the
-    batch mean and variance (over $n$ values per channel), $s^2_k = \frac{n}{n-1}
-    \sigma^2_k$ the unbiased variance, and $\bar{x}_k = \frac{1 - m}{1 - m^k}
-    \sum_{i=1}^k m^{k-i} x_i$ the running average of a statistic $x$: an exponential
-    moving average, exactly debiased. Inference normalises with the running averages
-    of the last training step, and with $\mu = 0, \sigma^2 = 1$ before any.
+    Which statistics $\mu, \sigma^2$ are used is chosen by `approach`. At the $k$-th
+    training step, with momentum $m$, let $\mu_k, \sigma^2_k$ be the batch mean and
+    variance over $n$ values per channel, $s^2_k = \frac{n}{n - 1} \sigma^2_k$, and
+    $\bar{x}_k = \frac{1 - m}{1 - m^k} \sum_{i=1}^k m^{k-i} x_i$ the exactly debiased
+    moving average of a statistic $x$. Inference uses the running averages, and
+    $\mu = 0, \sigma^2 = 1$ before any training step.
 
     | `approach` | training normalises with | running averages of |
     |---|---|---|
     | `"batch"` | $\mu_k, \sigma^2_k$ | $\mu, s^2$ |
-    | `"batch_renorm"` | $\mu_k, \sigma^2_k$, then $r, d$ below | $\mu, s^2$ |
-    | `"ema"` | $(\mu_1, \sigma^2_1)$, then $m \cdot (\text{previous}) + (1 - m) \cdot (\mu_k, \sigma^2_k)$ | the same, not debiased |
+    | `"batch_renorm"` | $\mu_k, \sigma^2_k$, then $\times r + d$ (below) | $\mu, s^2$ |
+    | `"ema"` | $\mu_1, \sigma^2_1$, then $m \cdot \text{previous} + (1 - m) \cdot (\mu_k, \sigma^2_k)$ | the same, not debiased |
     | `"ema_debiased"` | $\bar\mu_k, \bar\sigma^2_k$ | $\mu, \sigma^2$ |
     | `"ema_smooth_start"` | $\bar{x}_k + w_k (x_k - \bar{x}_k)$ for $x = \mu, \sigma^2$ | $\mu, \sigma^2$ |
 
-    Batch Renormalization multiplies the normalised batch by $r$ and adds $d$, which
-    carry no gradient:
-
-    $$r = \operatorname{clip}_{[1/r_{max}, r_{max}]} \sqrt{\frac{\sigma^2_k +
-    \varepsilon}{\bar{s}^2_{k-1} + \varepsilon}}, \qquad d = \operatorname{clip}_{[
-    -d_{max}, d_{max}]} \frac{\mu_k - \bar\mu_{k-1}}{\sqrt{\bar{s}^2_{k-1} +
-    \varepsilon}}.$$
-
-    Unclipped, this is exactly the inference output. The bounds grow linearly from
-    $r_{max} = 1, d_{max} = 0$ (plain `"batch"`) over the first `warmup` steps. For
-    `"ema_smooth_start"`, $w_k = m^k$, blended linearly to $1$ over the first `warmup`
-    steps.
+    Batch Renormalization uses $r = \operatorname{clip}_{[1/r_{max}, r_{max}]}
+    \sqrt{(\sigma^2_k + \varepsilon) / (\bar{s}^2_{k-1} + \varepsilon)}$ and $d =
+    \operatorname{clip}_{[-d_{max}, d_{max}]} (\mu_k - \bar\mu_{k-1}) / \sqrt{\bar{s}^2_{k
+    -1} + \varepsilon}$, without gradient; its bounds grow linearly from $1, 0$ over
+    `warmup` steps. `"ema_smooth_start"` has $w_k = m^k$, blended linearly to $1$ over
+    `warmup` steps.
 
     !!! faq "Which approach should I use?"
 
-        `approach="batch"`, and after training recompute its inference statistics with
-        [`equinox.nn.BatchNorm.recompute_statistics`][]. This is the standard batch
-        normalisation of PyTorch, Flax and Haiku. The `"ema"` family normalises the
-        training forward pass with running averages, which scales the gradient through
-        the batch statistics by $1 - m$ and causes the instability of
-        [equinox issue #659](https://github.com/patrick-kidger/equinox/issues/659).
-        The guide [Choosing a BatchNorm approach](batch_norm_approaches.md) has the
-        measurements.
+        `approach="batch"`, then [`equinox.nn.recompute_batch_norm_statistics`][]
+        after training. The `"ema"` family normalises the training pass with running
+        averages, which scales the gradient through the batch statistics by $1 - m$
+        ([#659](https://github.com/patrick-kidger/equinox/issues/659)). See
+        [Choosing a BatchNorm approach](batch_norm_approaches.md).
 
     !!! warning
 
-        Call this layer from within a `vmap`, `pmap` or `shard_map` whose axis names
-        include `axis_name`; otherwise JAX raises a `NameError`.
+        Call this layer inside a `vmap`, `pmap` or `shard_map` whose axis names include
+        `axis_name`; otherwise JAX raises a `NameError`. One non-finite training batch
+        makes the running averages non-finite; recompute them (or restore a
+        checkpoint) to repair them.
 
     !!! example
 
@@ -103,29 +337,17 @@ class BatchNorm(StatefulLayer):
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
             64, "batch", approach="batch"
         )
-
-        def forward(model, state, x):
-            batched = jax.vmap(
-                model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-            )
-            return batched(x, state)
-
-        # Data parallelism: shard the batch over the devices, and jit.
-        mesh = jax.sharding.Mesh(jax.devices(), ("devices",))
-        devices = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-        x = jax.device_put(x, devices)  # x has shape (batch, 64, ...)
-        y, state = eqx.filter_jit(forward)(bn, state, x)  # training
-        y, _ = eqx.filter_jit(forward)(eqx.nn.inference_mode(bn), state, x)
+        forward = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        y, state = forward(x, state)  # x has shape (batch, 64, ...)
         ```
 
-        Use a mesh with `Auto` axes, as here: `jax.make_mesh`'s default `Explicit`
-        axes make `State.set` fail. With `jax.shard_map` instead, name both axes,
-        `BatchNorm(64, ("devices", "batch"), ...)`, and pass `check_vma=False`.
+        To train data-parallel, `jax.device_put` the batch with a `NamedSharding` and
+        `jit`; see the guide for `shard_map`.
 
     ??? cite
 
-        [Batch Normalization: Accelerating Deep Network Training by Reducing
-        Internal Covariate Shift](https://arxiv.org/abs/1502.03167)
+        [Batch Normalization](https://arxiv.org/abs/1502.03167) and
+        [Batch Renormalization](https://arxiv.org/abs/1702.03275)
 
         ```bibtex
         @inproceedings{ioffe2015batch,
@@ -135,12 +357,6 @@ class BatchNorm(StatefulLayer):
             booktitle={International Conference on Machine Learning},
             year={2015},
         }
-        ```
-
-        [Batch Renormalization: Towards Reducing Minibatch Dependence in
-        Batch-Normalized Models](https://arxiv.org/abs/1702.03275)
-
-        ```bibtex
         @inproceedings{ioffe2017batch,
             author={Sergey Ioffe},
             title={Batch Renormalization: Towards Reducing Minibatch Dependence in
@@ -166,18 +382,17 @@ class BatchNorm(StatefulLayer):
     axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = field(static=True)
-    approach: Approach = field(static=True)
-    mode: str | None = field(static=True)
     eps: float = field(static=True)
     channelwise_affine: bool = field(static=True)
     momentum: float = field(static=True)
+    mode: Literal["ema", "batch"] | None = field(static=True)
+    approach: Approach = field(static=True)
     r_max: float | None = field(static=True)
     d_max: float | None = field(static=True)
     warmup: int | None = field(static=True)
 
     def __init__(
         self,
-        # The positional arguments keep Equinox 0.13's order.
         input_size: int,
         axis_name: Hashable | Sequence[Hashable],
         eps: float = 1e-5,
@@ -185,80 +400,93 @@ class BatchNorm(StatefulLayer):
         momentum: float | None = None,
         inference: bool = False,
         dtype=None,
-        mode: str | None = None,
+        mode: Literal["ema", "batch", "legacy"] = "legacy",
         *,
-        approach: str | None = None,
+        approach: Approach | None = None,
         r_max: float | None = None,
         d_max: float | None = None,
-        warmup: int | None = None,
+        warmup: int | np.integer | None = None,
     ):
         r"""**Arguments:**
 
-        - `input_size`: How many channels each example has (the size of its first
-            axis).
-        - `axis_name`: The named axis (of a `jax.vmap`, `jax.pmap` or `jax.shard_map`)
-            over which the batch statistics are reduced, or a sequence of such names to
-            reduce over several at once.
-        - `eps`: Added to the variance before its square root is taken, so that
-            channels of (near) zero variance do not divide by zero.
-        - `channelwise_affine`: If `True`, learn a scale $\gamma$ and an offset $\beta$
-            per channel; if `False`, use $\gamma = 1, \beta = 0$.
-        - `momentum`: The weight $m$ kept on the old running averages, in $(0, 1)$.
-            PyTorch's `momentum=0.1` is `momentum=0.9` here. Defaults to `0.9`, or to
-            `0.99` for `approach="ema"` and whenever `mode` is used, as in Equinox
-            0.13.
-        - `inference`: `False` to train (normalise as `approach` says and update the
-            running averages), `True` to infer (normalise with the running averages and
-            leave the state alone). Usually set for a whole model with
-            [`equinox.nn.inference_mode`][]; a call can override it, see
-            [`equinox.nn.BatchNorm.__call__`][].
-        - `dtype`: The dtype of $\gamma$ and $\beta$: JAX's default floating dtype
-            (float32, or float64 with `jax_enable_x64`) unless given. The running
-            averages use this dtype or float32, whichever is wider.
-        - `mode`: Equinox 0.13's name for `approach`, accepting `"ema"` or `"batch"`.
-            It keeps 0.13's encoding of the state, so that 0.13 checkpoints load
-            exactly; new code should use `approach`.
+        - `input_size`: The number of channels, the size of each example's first axis.
+        - `axis_name`: The name of the batch axis (of a `jax.vmap`, `jax.pmap` or
+            `jax.shard_map`) to reduce over, or a sequence of names to reduce over
+            several.
+        - `eps`: Added to the variance before taking its square root.
+        - `channelwise_affine`: Whether to learn a scale $\gamma$ and an offset $\beta$
+            per channel.
+        - `momentum`: The weight $m$ on the previous running average, in $(0, 1)$:
+            PyTorch's `momentum=0.1` is `0.9` here. Defaults to `0.99` (as in Equinox
+            0.13) for `mode=` and `approach="ema"`, and to `0.9` otherwise.
+        - `inference`: If `False`, normalise as `approach` says and update the running
+            averages; if `True`, normalise with the running averages. Usually toggled
+            with [`equinox.nn.inference_mode`][].
+        - `dtype`: The dtype of $\gamma, \beta$, defaulting to JAX's default floating
+            dtype. Statistics are computed in at least float32. The running averages
+            are stored in `dtype` for `mode=` (as in Equinox 0.13, so its checkpoints
+            load), and otherwise in `dtype` or float32, whichever is wider.
+        - `mode`: Equinox 0.13's spelling: `"batch"` is `approach="batch"` with 0.13's
+            encoding of the state, `"ema"` is `approach="ema"`, and `"legacy"` (the
+            default) means unset. `self.mode` is `"ema"` or `"batch"` when the layer
+            is built with `mode=` or with neither argument, and `None` with
+            `approach=`.
         - `approach`: One of `"batch"`, `"batch_renorm"`, `"ema"`, `"ema_debiased"`
-            and `"ema_smooth_start"`; see the table above. If neither `approach` nor
-            `mode` is passed, then `"ema"` is used and a warning is raised. (Keyword
-            only argument.)
-        - `r_max`, `d_max`: The bounds of Batch Renormalization on $r$ and $d$, for
-            `approach="batch_renorm"` only. Default to `3` and `5`. (Keyword only
-            arguments.)
+            and `"ema_smooth_start"`; see the table above. When neither `approach` nor
+            `mode` is given, `"ema"` is used with a warning. (Keyword only argument.)
+        - `r_max`, `d_max`: The bounds on $r$ and $d$ of `"batch_renorm"`, `3` and `5`
+            by default. (Keyword only arguments.)
         - `warmup`: The number of steps over which `"batch_renorm"` and
-            `"ema_smooth_start"` move from pure batch statistics to their own.
-            Defaults to `150` for `"batch_renorm"` and `0` for `"ema_smooth_start"`.
-            (Keyword only argument.)
+            `"ema_smooth_start"` move from batch statistics to their own; `150` and
+            `0` by default. (Keyword only argument.)
 
         **Raises:**
 
-        A `ValueError` for an unknown `approach` or `mode`, both `approach` and `mode`,
-        a `momentum` outside $(0, 1)$, a negative `eps`, or an option that the
-        approach does not take.
+        A `ValueError` that names the argument, for an unknown `approach` or `mode`,
+        both, a non-number, an `input_size` below 1, a `momentum` that is not in
+        $(0, 1)$ in float32, a negative `eps`, or an option the approach does not take.
         """
-        approach = _resolve_approach(approach, mode)
-        legacy = approach == "ema" or mode is not None
-        momentum = (0.99 if legacy else 0.9) if momentum is None else momentum
-        options = _resolve_options(
-            approach, momentum, eps, r_max=r_max, d_max=d_max, warmup=warmup
+        approach, self.mode = _resolve_approach(approach, mode)
+        input_size = _number("input_size", input_size, integer=True)
+        if input_size < 1:
+            raise ValueError(
+                f"`BatchNorm(input_size=...)` is the number of channels, at least 1, "
+                f"but got {input_size}."
+            )
+        legacy = self.mode is not None or approach == "ema"
+        momentum = _number(
+            "momentum", (0.99 if legacy else 0.9) if momentum is None else momentum
         )
+        if not 0 < np.float32(momentum) < 1:
+            raise ValueError(
+                "`BatchNorm(momentum=...)` is the weight kept on the old running "
+                f"average and must lie strictly between 0 and 1 in float32, but got "
+                f"{momentum!r}. PyTorch's `momentum=0.1` is `momentum=0.9` here."
+            )
+        eps = _number("eps", eps)
+        if not 0 <= eps < math.inf:
+            raise ValueError(
+                f"`BatchNorm(eps=...)` must be finite and non-negative, but got "
+                f"{eps!r}."
+            )
+        options = _resolve_options(approach, r_max=r_max, d_max=d_max, warmup=warmup)
         dtype = default_floating_dtype() if dtype is None else dtype
-        with jax.numpy_dtype_promotion("standard"):
-            state_dtype = jnp.promote_types(dtype, jnp.float32)
-        ones = jnp.ones((input_size,), dtype)
-        self.weight = ones if channelwise_affine else None
-        self.bias = jnp.zeros_like(ones) if channelwise_affine else None
-        mean, var = _initial(jnp.zeros((input_size,), state_dtype))
+        if self.mode is None:
+            with jax.numpy_dtype_promotion("standard"):
+                state_dtype = jnp.promote_types(dtype, jnp.float32)
+        else:
+            state_dtype = dtype
+        self.weight = jnp.ones(input_size, dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(input_size, dtype) if channelwise_affine else None
+        stats = tuple(_initial(jnp.zeros(input_size, state_dtype)))
         if approach == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
-            self.ema_state_index = StateIndex((mean, var))
-            self.batch_counter = None
-            self.batch_state_index = None
+            self.ema_state_index = StateIndex(stats)
+            self.batch_counter = self.batch_state_index = None
         else:
-            self.ema_first_time_index = None
-            self.ema_state_index = None
+            self.ema_first_time_index = self.ema_state_index = None
             self.batch_counter = StateIndex(jnp.array(0))
-            self.batch_state_index = StateIndex((mean, var))
+            self.batch_state_index = StateIndex(stats)
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -266,7 +494,6 @@ class BatchNorm(StatefulLayer):
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.approach = approach
-        self.mode = mode
         self.r_max = options.get("r_max")
         self.d_max = options.get("d_max")
         self.warmup = options.get("warmup")
@@ -279,32 +506,66 @@ class BatchNorm(StatefulLayer):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
+        mask: Bool[ArrayLike, "..."] | None = None,
     ) -> tuple[Array, State]:
         """**Arguments:**
 
-        - `x`: One example, of shape `(input_size, *spatial)`, with zero or more
-            spatial axes.
-        - `state`: The [`equinox.nn.State`][] holding the step count and the running
-            averages.
-        - `key`: Unused, and accepted so that this layer can be called like any other.
+        - `x`: One example, of shape `(input_size, *spatial)`.
+        - `state`: The [`equinox.nn.State`][] holding the running averages.
+        - `key`: Ignored; accepted for compatibility with the rest of the Equinox API.
             (Keyword only argument.)
-        - `inference`: `True` or `False` overrides `self.inference` for this call;
-            `None` uses it. See [`equinox.nn.BatchNorm.__init__`][].
+        - `inference`: `True` or `False` overrides `self.inference` for this call.
+            (Keyword only argument.)
+        - `mask`: Which values of this example are real data, for padded batches: a
+            boolean broadcastable to `x.shape[1:]` (a scalar masks the whole example).
+            Training statistics use only the valid values of the whole batch, weighted
+            by count across every named axis and device; masked values, even NaN,
+            affect nothing. A training step with no valid value (for `approach=`: with
+            fewer than two) leaves the state unchanged. (Keyword only argument.)
 
         **Returns:**
 
         A 2-tuple of:
 
-        - A JAX array with the shape and dtype of `x`. Statistics are computed in at
-            least float32, so half-precision inputs do not overflow.
-        - An updated state object (unchanged in inference).
+        - An array of the shape of `x`, in its dtype if floating (float32 for integer
+            inputs), and zero at masked positions.
+        - The updated state (unchanged in inference).
 
         **Raises:**
 
-        A `ValueError` if `x.shape[0] != input_size`. A `NameError` from JAX if the
-        call is not inside a `vmap` (or `pmap`, `shard_map`) named `axis_name`.
+        A `ValueError` if `x.shape[0] != input_size`, if `mask` is not a boolean of a
+        broadcastable shape, or (for `approach=`) if a training batch has one value per
+        channel, whose variance is undefined. A `NameError` if the call is not inside a
+        transformation that names `axis_name`.
         """
         del key
+        y, valid = self._prepare(x, mask)
+        if inference is None:
+            inference = self.inference
+        steps, running = self._load(state, y.dtype)
+        if inference:
+            normaliser = _normaliser(running, self.eps)
+        else:
+            if valid is None and self.mode is None:
+                if lax.psum(1, self.axis_name) * math.prod(x.shape[1:]) == 1:
+                    raise ValueError(
+                        f"`BatchNorm(approach={self.approach!r})` got a training batch "
+                        "with one value per channel, whose variance is undefined. Use "
+                        "a batch of at least 2, or `inference=True`."
+                    )
+            finite = jnp.isfinite(running.mean)
+            shift = lax.stop_gradient(jnp.where(finite, running.mean, 0))
+            batch = _batch_moments(y, valid, self.axis_name, shift)
+            step = steps + 1
+            normaliser, new = self._approach(batch, running, step)
+            update = None
+            if valid is not None:
+                update = batch.count >= (1 if self.mode is not None else 2)
+            state = self._store(state, step, new, update)
+        return self._output(y, valid, normaliser, x.dtype), state
+
+    def _prepare(self, x: Array, mask) -> tuple[Array, Array | None]:
+        """`x` in the dtype the statistics are computed in, and the mask, broadcast."""
         if x.ndim == 0 or x.shape[0] != self.input_size:
             raise ValueError(
                 f"`BatchNorm(input_size={self.input_size})` received an input of shape "
@@ -312,31 +573,74 @@ class BatchNorm(StatefulLayer):
                 "pass `input_size` equal to the number of channels, and `vmap` over "
                 "the batch axis with a matching `axis_name`."
             )
-        if inference is None:
-            inference = self.inference
+        valid = None
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            try:
+                ok = jnp.broadcast_shapes(mask.shape, x.shape[1:]) == x.shape[1:]
+            except ValueError:
+                ok = False
+            if mask.dtype != jnp.bool_ or not ok:
+                raise ValueError(
+                    "`BatchNorm(...)(x, state, mask=...)` must be a boolean array "
+                    f"broadcastable to the spatial shape {x.shape[1:]} of one example, "
+                    f"but got dtype {mask.dtype} and shape {mask.shape}."
+                )
+            valid = jnp.broadcast_to(mask, x.shape[1:])[None]
+            # Masked values, which may be NaN, must not reach even a discarded branch
+            # of the gradient.
+            x = jnp.where(valid, x, jnp.zeros((), x.dtype))
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x.dtype, jnp.float32)
-        y = x.astype(dtype)
-        steps, running = self._load(state, dtype)
-        if inference:
-            centred = y - _per_channel(running.mean, y)
-            affine = _normalise(running, running.mean, self.eps)
-        else:
-            batch = _batch_statistics(y, self.axis_name)
-            momentum = jnp.asarray(self.momentum, dtype)
-            options = {name: getattr(self, name) for name in _OPTIONS[self.approach]}
-            strategy = _STRATEGIES[self.approach]
-            affine, running = strategy(
-                batch, running, steps + 1, momentum, self.eps, **options
-            )
-            state = self._store(state, steps + 1, running)
-            centred = batch.centred
-        scale, shift = affine
+        return x.astype(dtype), valid
+
+    def _output(self, y: Array, valid, normaliser: _Normaliser, dtype) -> Array:
+        # (y - mean) * scale + offset, computed around a copy of the mean without
+        # gradient, so the subtraction is exact and the gradient still reaches the mean.
+        centre = lax.stop_gradient(normaliser.mean)
+        scale = normaliser.scale
+        offset = (centre - normaliser.mean) * scale + normaliser.offset
         if self.weight is not None and self.bias is not None:
-            weight = self.weight.astype(dtype)
-            scale, shift = scale * weight, shift * weight + self.bias.astype(dtype)
-        out = centred * _per_channel(scale, y) + _per_channel(shift, y)
-        return out.astype(x.dtype), state
+            weight = self.weight.astype(y.dtype)
+            scale, offset = scale * weight, offset * weight + self.bias.astype(y.dtype)
+        out = (y - _per_channel(centre, y)) * _per_channel(scale, y)
+        out = out + _per_channel(offset, y)
+        if valid is not None:
+            out = jnp.where(valid, out, 0)
+        return out.astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else out
+
+    def _approach(
+        self, batch: _Moments, running: _Stats, step: Array
+    ) -> tuple[_Normaliser, _Stats]:
+        momentum = jnp.asarray(self.momentum, running.mean.dtype)
+        stats = _Stats(batch.mean, batch.var)
+        if self.approach == "ema":
+            return _ema(stats, running, step, momentum, self.eps)
+        if self.approach == "ema_debiased":
+            return _ema_debiased(stats, running, step, momentum, self.eps)
+        if self.approach == "ema_smooth_start":
+            assert self.warmup is not None
+            return _ema_smooth_start(
+                stats, running, step, momentum, self.eps, self.warmup
+            )
+        unbiased = _Stats(batch.mean, batch.var * _bessel(batch.count))
+        if self.approach == "batch_renorm":
+            assert self.r_max is not None and self.d_max is not None
+            assert self.warmup is not None
+            return _batch_renorm(
+                stats,
+                unbiased,
+                running,
+                step,
+                momentum,
+                self.eps,
+                self.r_max,
+                self.d_max,
+                self.warmup,
+            )
+        return _batch(stats, unbiased, running, step, momentum, self.eps)
+
+    # The state: how each layout stores the step count and the running averages.
 
     def _indices(self) -> tuple[StateIndex, StateIndex]:
         if self.approach == "ema":
@@ -348,377 +652,233 @@ class BatchNorm(StatefulLayer):
 
     def _load(self, state: State, dtype) -> tuple[Int[Array, ""], _Stats]:
         """The number of training steps taken (for `"ema"`, 0 or 1), and the running
-        averages, with mean 0 and variance 1 before any step."""
-        step_index, running_index = self._indices()
+        averages in `dtype`: mean 0 and variance 1 before any step."""
+        step_index, stats_index = self._indices()
         steps = state.get(step_index)
-        if self.approach == "ema":
+        if self.approach == "ema":  # stores whether no step has been taken
             steps = jnp.where(steps, 0, 1)
-        running = _Stats(*(s.astype(dtype) for s in state.get(running_index)))
+        running = _Stats(*(s.astype(dtype) for s in state.get(stats_index)))
         if self.mode == "batch":
             running = _from_0_13(running, steps, jnp.asarray(self.momentum, dtype))
         initial = _initial(running.mean)
-        return steps, jtu.tree_map(
-            lambda a, b: jnp.where(steps == 0, a, b), initial, running
+        return steps, _Stats(
+            *(jnp.where(steps == 0, i, r) for i, r in zip(initial, running))
         )
 
-    def _store(self, state: State, steps: Array, running: _Stats) -> State:
-        step_index, running_index = self._indices()
+    def _store(
+        self, state: State, steps: Array, running: _Stats, update: Array | None = None
+    ) -> State:
+        """`state` with these steps and running averages, where `update` is true."""
+        step_index, stats_index = self._indices()
         if self.mode == "batch":
             momentum = jnp.asarray(self.momentum, running.mean.dtype)
             running = _to_0_13(running, steps, momentum)
-        old_steps, old_running = state.get(step_index), state.get(running_index)
-        new_steps = jnp.zeros_like(old_steps) if self.approach == "ema" else steps
-        state = state.set(step_index, new_steps)
-        return state.set(
-            running_index,
-            tuple(r.astype(o.dtype) for r, o in zip(running, old_running, strict=True)),
+        old = (state.get(step_index), state.get(stats_index))
+        new = (
+            jnp.full_like(old[0], steps == 0 if self.approach == "ema" else steps),
+            tuple(r.astype(o.dtype) for r, o in zip(running, old[1])),
         )
+        if update is not None:
+            new = jtu.tree_map(lambda n, o: jnp.where(update, n, o), new, old)
+        return state.set(step_index, new[0]).set(stats_index, new[1])
 
-    def _reset(self, state: State) -> State:
-        """Returns `state` with this layer's entries as before any training step."""
-        step_index, running_index = self._indices()
-        steps = state.get(step_index)
-        mean, _ = state.get(running_index)
-        new_steps = (jnp.ones_like if self.approach == "ema" else jnp.zeros_like)(steps)
-        return state.set(step_index, new_steps).set(
-            running_index, tuple(_initial(mean))
-        )
 
-    @staticmethod
-    def recompute_statistics(
-        forward: Callable[[PyTree, State, PyTree], tuple[Any, State]],
-        model: PyTree,
-        state: State,
-        batches: PyTree,
-    ) -> State:
-        r"""Recomputes the inference statistics of every `BatchNorm` in `model` as the
-        exact average over `batches` ("precise batch normalisation"): the mean and the
-        variance that the approach keeps of each batch (unbiased for `"batch"` and
-        `"batch_renorm"`, biased for the `"ema"` family), each weighted equally.
+# Recomputing the inference statistics.
 
-        Running averages lag behind the network while it trains, most of all at high
-        momentum. Recomputing them after training, from some twenty training batches
-        pushed through the final network, removes that lag. This is what PyTorch's
-        `torch.optim.swa_utils.update_bn` does.
 
-        !!! example
+class _Totals(NamedTuple):
+    """What one `BatchNorm` has seen while recomputing, summed over its calls."""
 
-            ```python
-            def forward(model, state, x):
-                batched = jax.vmap(
-                    model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-                )
-                return batched(x, state)
+    calls: Int[Array, ""]
+    count: Float[Array, ""]  # valid values
+    dof: Float[Array, ""]  # the denominator of the variance
+    mean: Array  # of all valid values
+    m2: Array  # the sum over calls of the squared deviations from each call's mean
 
-            xs = x_train[:20 * 64].reshape(20, 64, *x_train.shape[1:])
-            state = eqx.filter_jit(eqx.nn.BatchNorm.recompute_statistics)(
-                forward, model, state, xs
-            )
-            inference_model = eqx.nn.inference_mode(model)
-            ```
 
-        **Arguments:**
+class _Recorder(StatefulLayer):
+    """Stands in for a `BatchNorm` while recomputing: normalises with the batch
+    statistics, as on a first training step, and adds them to its totals."""
 
-        - `forward`: Called as `forward(model, state, batch)` for each batch; returns
-            a pair whose second element is the new state, like a stateful model. It
-            must call `model` (not another copy of it), once per batch, with the batch
-            axis named as the `BatchNorm`s expect.
-        - `model`: A PyTree containing one or more `BatchNorm`s. They run in training
-            mode, whatever their `inference` flag; everything else runs as given (so
-            pass [`equinox.nn.inference_mode`][]`(model)` to switch dropout off).
-        - `state`: The [`equinox.nn.State`][] of `model`.
-        - `batches`: A PyTree of arrays whose leading axis indexes the batches, e.g.
-            an array of shape `(num_batches, batch_size, ...)`.
+    layer: BatchNorm
+    totals: StateIndex[_Totals]
+    inference: bool
 
-        **Returns:**
-
-        A new state in which each `BatchNorm`'s entries hold the recomputed
-        statistics, as after one training step. Every other entry is unchanged.
-
-        **Raises:**
-
-        A `ValueError` if `model` contains no `BatchNorm`, or if `forward` does not
-        run them in training mode.
-        """
-        is_layer = lambda x: isinstance(x, BatchNorm)
-        layers = [x for x in jtu.tree_leaves(model, is_leaf=is_layer) if is_layer(x)]
-        if len(layers) == 0:
+    def __call__(self, x, state, *, key=None, inference=None, mask=None):
+        del key
+        if self.inference if inference is None else inference:
             raise ValueError(
-                "`BatchNorm.recompute_statistics(forward, model, ...)` found no "
-                "`BatchNorm` in `model`."
+                "`eqx.nn.recompute_batch_norm_statistics(forward, ...)`: `forward` "
+                "calls a `BatchNorm` in inference mode, so it would learn nothing. "
+                "Call the model it is given as it is: do not pass it through "
+                "`eqx.nn.inference_mode` inside `forward`, nor call it with "
+                "`inference=True`. (Pass `eqx.nn.inference_mode(model)` as `model` "
+                "to switch dropout off: its `BatchNorm`s still recompute.)"
             )
-        training = jtu.tree_map(
-            lambda x: tree_at(lambda b: b.inference, x, False) if is_layer(x) else x,
-            model,
-            is_leaf=is_layer,
+        layer = self.layer
+        y, valid = layer._prepare(x, mask)
+        first = _sums(y, valid, layer.axis_name, jnp.zeros(y.shape[0], y.dtype))
+        batch = _sums(y, valid, layer.axis_name, lax.stop_gradient(first.mean))
+        old = state.get(self.totals)
+        count = jnp.asarray(batch.count, old.count.dtype)
+        total = old.count + count
+        unbiased = layer.approach in ("batch", "batch_renorm")
+        dof = jnp.where(count >= 2, count - 1 if unbiased else count, 0)
+        mean, var = (s.astype(old.mean.dtype) for s in batch[1:])
+        new = _Totals(
+            old.calls + 1,
+            total,
+            old.dof + dof,
+            old.mean + (mean - old.mean) * (count / jnp.maximum(total, 1)),
+            old.m2 + var * count,
         )
-        reset = _copy(state)
-        for layer in layers:
-            reset = layer._reset(reset)
-        indices = [index for layer in layers for index in layer._indices()]
-
-        def one_batch(batch):
-            start = _copy(reset)
-            _, new_state = forward(training, start, batch)
-            entries = [new_state.get(index) for index in indices]
-            if any(new is start.get(i) for new, i in zip(entries, indices)):
-                raise ValueError(
-                    "`BatchNorm.recompute_statistics(forward, model, ...)`: `forward` "
-                    "did not update the `BatchNorm` state. It must call the `model` "
-                    "it is given (which runs `BatchNorm` in training mode), and return "
-                    "the new state as the second element of a pair."
-                )
-            return entries
-
-        entries = lax.map(one_batch, batches)
-        state = _copy(state)
-        for index, stacked in zip(indices, entries):
-            state = state.set(index, jtu.tree_map(_average_batches, stacked))
-        return state
+        normaliser = _normaliser(_Stats(batch.mean, batch.var), layer.eps)
+        return layer._output(y, valid, normaliser, x.dtype), state.set(self.totals, new)
 
 
-def _batch(
-    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
-) -> tuple[_Affine, _Stats]:
-    return _normalise(batch.stats, batch.stats.mean, eps), _running_average(
-        running, batch.unbiased, step, momentum
+def _batches(batches: Any) -> Iterable:
+    """One batch at a time: the items of a list or iterator, or the slices along the
+    leading axis of a PyTree of arrays."""
+    if isinstance(batches, (list, Iterator)):
+        return batches
+    leaves = jtu.tree_leaves(batches)
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+        if any(x.ndim == 0 for x in leaves):
+            raise ValueError(
+                "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: an array of "
+                "batches needs a leading axis that indexes the batches."
+            )
+        return (jtu.tree_map(lambda x: x[i], batches) for i in range(len(leaves[0])))
+    if isinstance(batches, Iterable):
+        return batches
+    raise ValueError(
+        "`eqx.nn.recompute_batch_norm_statistics(..., batches)` must be a PyTree of "
+        "arrays whose leading axis indexes the batches, or a list, iterator or "
+        f"iterable of batches, but got {type(batches).__name__}."
     )
 
 
-def _batch_renorm(
-    batch: _Batch,
-    running: _Stats,
-    step: Array,
-    momentum: Array,
-    eps: float,
-    r_max: float,
-    d_max: float,
-    warmup: int,
-) -> tuple[_Affine, _Stats]:
-    # On the first step the bounds are (1, 0), so r = 1 and d = 0 whatever the
-    # running averages (which are still mean 0, variance 1).
-    t = _warmup_fraction(step, warmup, momentum.dtype)
-    r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
-    std = jnp.sqrt(batch.stats.var + eps)
-    running_std = jnp.sqrt(running.var + eps)
-    r = jnp.clip(std / running_std, 1 / r_bound, r_bound)
-    d = jnp.clip((batch.stats.mean - running.mean) / running_std, -d_bound, d_bound)
-    affine = _Affine(lax.stop_gradient(r) / std, lax.stop_gradient(d))
-    return affine, _running_average(running, batch.unbiased, step, momentum)
+def recompute_batch_norm_statistics(
+    forward: Callable[[PyTree, State, Any], tuple[Any, State]],
+    model: PyTree,
+    state: State,
+    batches: Any,
+) -> State:
+    r"""Recomputes the inference statistics of every [`equinox.nn.BatchNorm`][] in
+    `model` exactly, from `batches` pushed through the final network ("precise batch
+    normalisation", as PyTorch's `torch.optim.swa_utils.update_bn`).
 
+    Running averages lag behind the network while it trains. This replaces them by the
+    mean of all valid values the layer sees, and the pooled within-batch variance
+    $\sum_b \sum_i (x_{b,i} - \mu_b)^2 / \sum_b (n_b - 1)$ (with $n_b$ in place of
+    $n_b - 1$ for the `"ema"` family, which keeps biased variances). Each call of a
+    layer counts as one batch, weighted by its count of valid values; a call with one
+    valid value adds to the mean only.
 
-def _ema(
-    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
-) -> tuple[_Affine, _Stats]:
-    keep = jnp.where(step == 1, 0, momentum)
-    running = _blend(running, batch.stats, keep)
-    return _normalise(running, batch.stats.mean, eps), running
+    !!! example
 
+        ```python
+        def forward(model, state, x):
+            batched = jax.vmap(
+                model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+            )
+            return batched(x, state)
 
-def _ema_debiased(
-    batch: _Batch, running: _Stats, step: Array, momentum: Array, eps: float
-) -> tuple[_Affine, _Stats]:
-    running = _running_average(running, batch.stats, step, momentum)
-    return _normalise(running, batch.stats.mean, eps), running
-
-
-def _ema_smooth_start(
-    batch: _Batch,
-    running: _Stats,
-    step: Array,
-    momentum: Array,
-    eps: float,
-    warmup: int,
-) -> tuple[_Affine, _Stats]:
-    running = _running_average(running, batch.stats, step, momentum)
-    t = _warmup_fraction(step, warmup, momentum.dtype)
-    keep = t * (1 - momentum ** step.astype(momentum.dtype))
-    stats = _blend(running, batch.stats, keep)
-    return _normalise(stats, batch.stats.mean, eps), running
-
-
-_STRATEGIES: dict[Approach, Callable[..., tuple[_Affine, _Stats]]] = {
-    "batch": _batch,
-    "batch_renorm": _batch_renorm,
-    "ema": _ema,
-    "ema_debiased": _ema_debiased,
-    "ema_smooth_start": _ema_smooth_start,
-}
-# The options that each approach takes, with their defaults.
-_OPTIONS: dict[Approach, dict[str, float | int]] = {
-    "batch": {},
-    "batch_renorm": {"r_max": 3.0, "d_max": 5.0, "warmup": 150},
-    "ema": {},
-    "ema_debiased": {},
-    "ema_smooth_start": {"warmup": 0},
-}
-
-
-def _running_average(
-    running: _Stats, new: _Stats, step: Array, momentum: Array
-) -> _Stats:
-    # x̄_k = x_k + c_k (x̄_{k-1} - x_k), with c_k = (m - m^k) / (1 - m^k): exactly 0 at
-    # k = 1, so the first batch replaces the initial (0, 1) exactly.
-    log_m = jnp.log(momentum)
-    k = step.astype(log_m.dtype)
-    return _blend(
-        running, new, momentum * jnp.expm1((k - 1) * log_m) / jnp.expm1(k * log_m)
-    )
-
-
-def _blend(running: _Stats, new: _Stats, keep: Array) -> _Stats:
-    """`keep * running + (1 - keep) * new`, written so that a batch equal to the running
-    statistics leaves them exactly unchanged."""
-    return jtu.tree_map(lambda r, n: n + keep * (r - n), running, new)
-
-
-def _warmup_fraction(step: Array, warmup: int, dtype) -> Array:
-    """0 on the first step, rising linearly to 1 at step `warmup + 1` (at step 2 for
-    `warmup=0`)."""
-    return jnp.minimum(1, (step - 1) / max(warmup, 1)).astype(dtype)
-
-
-def _normalise(stats: _Stats, reference: Array, eps: float) -> _Affine:
-    """`(x - stats.mean) / sqrt(stats.var + eps)`, as an affine map of
-    `x - reference`."""
-    scale = lax.rsqrt(stats.var + eps)
-    return _Affine(scale, (reference - stats.mean) * scale)
-
-
-def _batch_statistics(x: Array, axis_name: Hashable | Sequence[Hashable]) -> _Batch:
-    # Two passes (the mean, then the mean squared deviation), which stays accurate
-    # when the mean is large compared to the spread.
-    spatial = tuple(range(1, x.ndim))
-    mean = lax.pmean(jnp.mean(x, axis=spatial), axis_name)
-    centred = x - _per_channel(mean, x)
-    squares = (centred * jnp.conj(centred)).real
-    var = lax.pmean(jnp.mean(squares, axis=spatial), axis_name).astype(x.dtype)
-    n = lax.psum(1, axis_name) * (x.size // x.shape[0])
-    unbiased = var * (n / max(n - 1, 1))
-    return _Batch(_Stats(mean, var), _Stats(mean, unbiased), centred)
-
-
-def _from_0_13(hidden: _Stats, steps: Array, momentum: Array) -> _Stats:
-    # Equinox 0.13's `mode="batch"` stores h_k = m^k (0, 1) + (1 - m^k) x̄_k: an
-    # exponential moving average started at mean 0 and variance 1.
-    decay, weight = _decay(steps, momentum)
-    return _Stats(hidden.mean / weight, (hidden.var - decay) / weight)
-
-
-def _to_0_13(running: _Stats, steps: Array, momentum: Array) -> _Stats:
-    decay, weight = _decay(steps, momentum)
-    return _Stats(running.mean * weight, running.var * weight + decay)
-
-
-def _decay(steps: Array, momentum: Array) -> tuple[Array, Array]:
-    """`m**k` and `1 - m**k`, the latter to full relative precision."""
-    k_log_m = steps.astype(momentum.dtype) * jnp.log(momentum)
-    return jnp.exp(k_log_m), -jnp.expm1(k_log_m)
-
-
-def _initial(like: Array) -> _Stats:
-    """The statistics before any training step: mean 0, variance 1."""
-    return _Stats(jnp.zeros_like(like), jnp.ones_like(like))
-
-
-def _per_channel(values: Array, like: Array) -> Array:
-    return jnp.expand_dims(values, tuple(range(1, like.ndim)))
-
-
-def _copy(state: State) -> State:
-    # `State.set` invalidates the object it is called on; this keeps the original.
-    return jtu.tree_map(lambda x: x, state)
-
-
-def _average_batches(stacked: Array) -> Array:
-    # Counters and flags are equal across batches; floating statistics are averaged.
-    if jnp.issubdtype(stacked.dtype, jnp.inexact):
-        return jnp.mean(stacked, axis=0)
-    return stacked[0]
-
-
-def _resolve_approach(approach: str | None, mode: str | None) -> Approach:
-    choices = ", ".join(repr(a) for a in get_args(Approach))
-    if approach is not None and mode is not None:
-        raise ValueError(
-            "Pass only one of `BatchNorm(approach=...)` and `BatchNorm(mode=...)`: "
-            f"`mode` is the older name for `approach`. Got `mode={mode!r}` and "
-            f"`approach={approach!r}`; drop `mode`."
+        state = eqx.nn.recompute_batch_norm_statistics(
+            forward, model, state, (x for x, _ in loader)
         )
-    if mode is not None:
-        if mode not in ("ema", "batch"):
+        ```
+
+    **Arguments:**
+
+    - `forward`: Called as `forward(model, state, batch)`; returns a pair whose second
+        element is the new state. It must call the `model` it is given, without
+        switching it to inference mode.
+    - `model`: A PyTree containing `BatchNorm`s. They run in training mode whatever
+        their `inference` flag; everything else runs as given, so
+        [`equinox.nn.inference_mode`][]`(model)` switches dropout off.
+    - `state`: The [`equinox.nn.State`][] of `model`.
+    - `batches`: Either a PyTree of arrays whose leading axis indexes the batches, or a
+        list, iterator or generator of batches (of any sizes, read one at a time: a
+        data loader). Each batch's step is compiled once per shape.
+
+    **Returns:**
+
+    A new state in which each `BatchNorm` holds the recomputed statistics, as after a
+    long training, and every other entry is unchanged.
+
+    **Raises:**
+
+    A `ValueError` if `model` has no `BatchNorm`, `forward` does not call one or calls
+    it in inference mode, no batch has two valid values, or this function is called
+    inside `jax.jit` (it compiles each batch itself).
+    """
+    is_layer = lambda x: isinstance(x, BatchNorm)
+    is_recorder = lambda x: isinstance(x, _Recorder)
+    name = "`eqx.nn.recompute_batch_norm_statistics`"
+    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves((model, state))):
+        raise ValueError(f"Call {name} outside `jax.jit`: it compiles each batch.")
+    recorders: dict[int, _Recorder] = {}
+
+    def restore(index: StateIndex) -> StateIndex:
+        # Its current value as its initial one, so that `State` can be built anew.
+        return tree_at(lambda i: i.init, index, state.get(index))
+
+    def swap(leaf):
+        if isinstance(leaf, StateIndex):
+            return restore(leaf)
+        if not is_layer(leaf):
+            return leaf
+        if id(leaf) not in recorders:
+            layer = jtu.tree_map(
+                lambda x: restore(x) if isinstance(x, StateIndex) else x,
+                leaf,
+                is_leaf=lambda x: isinstance(x, StateIndex),
+            )
+            with jax.numpy_dtype_promotion("standard"):
+                dtype = jnp.result_type(state.get(leaf._indices()[1])[0], jnp.float32)
+            zeros = jnp.zeros(leaf.input_size, dtype)
+            totals = _Totals(jnp.array(0), zeros[0].real, zeros[0].real, zeros, zeros)
+            recorders[id(leaf)] = _Recorder(layer, StateIndex(totals), False)
+        return recorders[id(leaf)]
+
+    def is_swapped(x):
+        return is_layer(x) or isinstance(x, StateIndex)
+
+    recording = jtu.tree_map(swap, model, is_leaf=is_swapped)
+    if not recorders:
+        raise ValueError(
+            f"{name}(forward, model, ...) found no `BatchNorm` in `model`."
+        )
+
+    def inits(tree):
+        leaves = jtu.tree_leaves(tree, is_leaf=is_recorder)
+        return [x.totals.init for x in leaves if is_recorder(x)]
+
+    @filter_jit
+    def step(recording, totals, batch):
+        recording = tree_at(inits, recording, totals)
+        _, new_state = forward(recording, State(recording), batch)
+        return [new_state.get(x.totals) for x in recorders.values()]
+
+    totals = [x.totals.init for x in recorders.values()]
+    for batch in _batches(batches):
+        totals = step(recording, totals, batch)
+    state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
+    for recorder, total in zip(recorders.values(), totals):
+        layer = recorder.layer
+        if int(total.calls) == 0:
             raise ValueError(
-                f"`BatchNorm(mode=...)` must be 'ema' or 'batch', but got {mode!r}. "
-                f"New code should pass `approach=` instead, one of {choices}."
+                f"{name}: `forward` did not call a `BatchNorm` of `model` (or no batch "
+                "was given). `forward(model, state, batch)` must call the `model` it "
+                "is given."
             )
-        return mode
-    if approach is None:
-        _warn_approach_unset(choices)
-        return "ema"
-    if approach not in get_args(Approach):
-        raise ValueError(
-            f"Unknown `BatchNorm(approach={approach!r})`; valid approaches are "
-            f"{choices}."
-        )
-    return cast(Approach, approach)
-
-
-def _warn_approach_unset(choices: str) -> None:
-    # Attribute the warning to the first frame outside Equinox (and outside the
-    # runtime type-checkers that may wrap its functions): the user's code.
-    internal = ("equinox", "jaxtyping", "beartype")
-    frame, level = sys._getframe(), 1
-    while frame is not None and (
-        str(frame.f_globals.get("__name__", "")).split(".")[0] in internal
-    ):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(
-        "`eqx.nn.BatchNorm(..., approach=...)` is unspecified, so it defaults to the "
-        "legacy 'ema' approach (the same as `mode='ema'`), which normalises the "
-        "training forward pass with running averages and often trains poorly (equinox "
-        f"issue #659). Pass `approach=` explicitly, one of {choices}. "
-        f"'{_RECOMMENDED}' is recommended, with "
-        "`eqx.nn.BatchNorm.recompute_statistics` after training for exact inference "
-        f"statistics. See {_GUIDE} for how to choose.",
-        stacklevel=level,
-    )
-
-
-def _resolve_options(
-    approach: Approach, momentum: float, eps: float, **given: int | float | None
-) -> dict[str, Any]:
-    """Checks `momentum`, `eps` and the approach's options; returns the options with
-    their defaults filled in."""
-    if not 0 < momentum < 1:
-        raise ValueError(
-            f"`BatchNorm(momentum=...)` must be strictly between 0 and 1, but got "
-            f"{momentum!r}. It is the weight kept on the old running average: "
-            "PyTorch's `momentum=0.1` is `momentum=0.9` here."
-        )
-    if not eps >= 0:
-        raise ValueError(f"`BatchNorm(eps=...)` must be non-negative, but got {eps!r}.")
-    defaults = _OPTIONS[approach]
-    for name, value in given.items():
-        if value is not None and name not in defaults:
-            owners = " or ".join(
-                f"`approach={a!r}`" for a, o in _OPTIONS.items() if name in o
-            )
+        if float(total.dof) == 0:
             raise ValueError(
-                f"`BatchNorm({name}=...)` only applies to {owners}, but the approach "
-                f"is {approach!r}. Remove `{name}`, or use {owners}."
+                f"{name}: no batch had two or more valid values per channel, so the "
+                "variance is undefined."
             )
-    options = dict(defaults)
-    options.update((k, v) for k, v in given.items() if v is not None)
-    for name, lower in (("r_max", 1), ("d_max", 0)):
-        if name in options and not options[name] >= lower:
-            raise ValueError(
-                f"`BatchNorm({name}=...)` must be at least {lower}, but got "
-                f"{options[name]!r}."
-            )
-    warmup = options.get("warmup", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(
-            "`BatchNorm(warmup=...)` must be a non-negative integer number of steps, "
-            f"but got `warmup={warmup!r}`."
-        )
-    return options
+        stats = _Stats(total.mean, total.m2 / total.dof)
+        steps = jnp.array(_saturated_steps(float(np.float32(layer.momentum))))
+        state = layer._store(state, steps, stats)
+    return state
