@@ -23,7 +23,7 @@ UNBIASED = ("batch", "batch_renorm", "mode=batch")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def batch_norm(approach="batch", channels=3, axis_name: Any = "batch", **kwargs):
+def batch_norm(approach: Any = "batch", channels=3, axis_name: Any = "batch", **kwargs):
     """A `BatchNorm`; `approach="mode=batch"` spells it `mode="batch"`."""
     if approach == "mode=batch":
         return eqx.nn.BatchNorm(channels, axis_name, mode="batch", **kwargs)
@@ -92,6 +92,7 @@ def pooled_statistics(batches, masks, unbiased):
     within-batch variance sum_b M2_b / sum_b (n_b - 1) (or / sum of n_b over batches
     with n_b >= 2, for biased variances)."""
     values = [valid_values(x, m) for x, m in zip(batches, masks)]
+    values = [v for v in values if v.shape[1] > 0]  # batches of padding add nothing
     mean = np.concatenate(values, axis=1).mean(axis=1)
     m2 = sum(((v - v.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) for v in values)
     counts = [v.shape[1] for v in values]

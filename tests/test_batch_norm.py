@@ -364,8 +364,7 @@ def test_complex_inputs_normalise_with_a_real_variance():
     )
 
 
-# Multi-device tests. They use the devices this process has: upstream's conftest gives
-# 2 CPU devices, this repository's gives 8.
+# Multi-device tests. They use the devices this process has, at least 2.
 
 
 def devices():
@@ -481,7 +480,7 @@ def padded(x, valid, garbage=np.nan):
 
 
 @pytest.mark.parametrize("transform", ("jit", "shard_map", "pmap"))
-def test_padded_batches_on_many_devices_equal_the_real_data_on_one(transform):
+def test_nan_padded_batches_on_many_devices_equal_the_real_data_on_one(transform):
     """Whole examples masked out, unevenly across devices (the first device holds only
     padding, filled with NaN): outputs at valid positions, the state and the
     gradients equal one device's run on the real examples alone, step after step."""
@@ -541,7 +540,7 @@ def test_padded_batches_on_many_devices_equal_the_real_data_on_one(transform):
 
 
 @pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
-def test_a_batch_without_valid_values_changes_nothing(approach):
+def test_a_batch_without_valid_values_changes_nothing_even_with_nan_padding(approach):
     """A training step whose mask is false everywhere leaves the state exactly as it
     was, and outputs zeros, with NaN in the padding."""
     layer, state = make(approach)

@@ -1,9 +1,10 @@
 import math
 import numbers
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from typing import Any, get_args, Literal, NamedTuple
+from typing import Any, cast, get_args, Literal, NamedTuple, SupportsIndex
 
 import jax
 import jax.lax as lax
@@ -38,13 +39,16 @@ _MAX_SHIFT = 4.0
 
 
 def _number(name: str, value: Any, integer: bool = False) -> Any:
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(
-            f"`BatchNorm({name}=...)` must be {'an integer' if integer else 'a number'}"
-            f", but got {value!r} of type `{type(value).__name__}`."
-        )
-    return int(value) if integer else float(value)
+    """`value` as a Python `int` or `float`; NumPy numbers are numbers too."""
+    if not isinstance(value, bool):
+        if integer and isinstance(value, numbers.Integral):
+            return operator.index(value)
+        if not integer and isinstance(value, numbers.Real):
+            return float(value)
+    raise ValueError(
+        f"`BatchNorm({name}=...)` must be {'an integer' if integer else 'a number'}, "
+        f"but got {value!r} of type `{type(value).__name__}`."
+    )
 
 
 def _warn_approach_unset(choices: str) -> None:
@@ -69,7 +73,9 @@ def _warn_approach_unset(choices: str) -> None:
     )
 
 
-def _resolve_approach(approach: Any, mode: Any) -> tuple[Approach, str | None]:
+def _resolve_approach(
+    approach: Any, mode: Any
+) -> tuple[Approach, Literal["ema", "batch"] | None]:
     """The approach, and the value of `BatchNorm.mode`."""
     choices = ", ".join(repr(a) for a in get_args(Approach))
     if mode not in ("ema", "batch", "legacy"):
@@ -130,7 +136,7 @@ class _Stats(NamedTuple):
 
 
 class _Moments(NamedTuple):
-    count: Array | int  # valid values per channel, over every named axis
+    n: Array | int  # valid values per channel, over every named axis
     mean: Array
     var: Array  # biased
 
@@ -158,19 +164,19 @@ def _sums(
         d = jnp.where(valid, d, 0)
     spatial = tuple(range(1, x.ndim))
     parts = [jnp.sum(d, spatial), jnp.sum(d * jnp.conj(d), spatial)]
-    if valid is None:
-        count = lax.psum(1, axis_name) * math.prod(x.shape[1:])
-    else:
+    if valid is not None:
         parts.append(jnp.sum(valid, dtype=x.dtype)[None])
     sums = lax.psum(jnp.concatenate(parts), axis_name)
     channels = x.shape[0]
-    if valid is not None:
-        count = sums[-1].real
-    denominator = jnp.maximum(count, 1)
+    if valid is None:
+        n = lax.psum(1, axis_name) * math.prod(x.shape[1:])
+    else:
+        n = sums[-1].real
+    denominator = jnp.maximum(n, 1)
     mean = sums[:channels] / denominator
     square = sums[channels : 2 * channels].real / denominator
     var = jnp.maximum(square - (mean * jnp.conj(mean)).real, 0)
-    return _Moments(count, shift + mean, var.astype(x.dtype))
+    return _Moments(n, shift + mean, var.astype(x.dtype))
 
 
 def _batch_moments(
@@ -184,14 +190,14 @@ def _batch_moments(
         lambda: _sums(x, valid, axis_name, lax.stop_gradient(moments.mean))[1:],
         lambda: moments[1:],
     )
-    return _Moments(moments.count, mean, var)
+    return _Moments(moments.n, mean, var)
 
 
-def _bessel(count: Array | int) -> Array | float:
+def _bessel(n: Array | int) -> Array | float:
     """n / (n - 1), which makes the biased variance of n values unbiased."""
-    if isinstance(count, int):
-        return count / max(count - 1, 1)
-    return count / jnp.maximum(count - 1, 1)
+    if isinstance(n, int):
+        return n / max(n - 1, 1)
+    return n / jnp.maximum(n - 1, 1)
 
 
 # Approaches: one function each, from the batch statistics, the running averages and
@@ -223,11 +229,28 @@ def _normaliser(stats: _Stats, eps: float) -> _Normaliser:
     return _Normaliser(stats.mean, lax.rsqrt(stats.var + eps), 0.0)
 
 
-def _batch(batch, unbiased, running, step, momentum, eps):
+def _batch(
+    batch: _Stats,
+    unbiased: _Stats,
+    running: _Stats,
+    step: Array,
+    momentum: Array,
+    eps: float,
+) -> tuple[_Normaliser, _Stats]:
     return _normaliser(batch, eps), _running_average(running, unbiased, step, momentum)
 
 
-def _batch_renorm(batch, unbiased, running, step, momentum, eps, r_max, d_max, warmup):
+def _batch_renorm(
+    batch: _Stats,
+    unbiased: _Stats,
+    running: _Stats,
+    step: Array,
+    momentum: Array,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    warmup: int,
+) -> tuple[_Normaliser, _Stats]:
     t = _warmup_fraction(step, warmup, momentum.dtype)
     r_bound, d_bound = 1 + (r_max - 1) * t, d_max * t
     std, running_std = jnp.sqrt(batch.var + eps), jnp.sqrt(running.var + eps)
@@ -239,17 +262,28 @@ def _batch_renorm(batch, unbiased, running, step, momentum, eps, r_max, d_max, w
     return normaliser, _running_average(running, unbiased, step, momentum)
 
 
-def _ema(batch, running, step, momentum, eps):
+def _ema(
+    batch: _Stats, running: _Stats, step: Array, momentum: Array, eps: float
+) -> tuple[_Normaliser, _Stats]:
     running = _blend(running, batch, jnp.where(step == 1, 0, momentum))
     return _normaliser(running, eps), running
 
 
-def _ema_debiased(batch, running, step, momentum, eps):
+def _ema_debiased(
+    batch: _Stats, running: _Stats, step: Array, momentum: Array, eps: float
+) -> tuple[_Normaliser, _Stats]:
     running = _running_average(running, batch, step, momentum)
     return _normaliser(running, eps), running
 
 
-def _ema_smooth_start(batch, running, step, momentum, eps, warmup):
+def _ema_smooth_start(
+    batch: _Stats,
+    running: _Stats,
+    step: Array,
+    momentum: Array,
+    eps: float,
+    warmup: int,
+) -> tuple[_Normaliser, _Stats]:
     running = _running_average(running, batch, step, momentum)
     t = _warmup_fraction(step, warmup, momentum.dtype)
     keep = t * (1 - momentum ** step.astype(momentum.dtype))
@@ -405,7 +439,7 @@ class BatchNorm(StatefulLayer):
         approach: Approach | None = None,
         r_max: float | None = None,
         d_max: float | None = None,
-        warmup: int | np.integer | None = None,
+        warmup: SupportsIndex | None = None,
     ):
         r"""**Arguments:**
 
@@ -454,10 +488,10 @@ class BatchNorm(StatefulLayer):
                 f"but got {input_size}."
             )
         legacy = self.mode is not None or approach == "ema"
-        momentum = _number(
+        self.momentum = _number(
             "momentum", (0.99 if legacy else 0.9) if momentum is None else momentum
         )
-        if not 0 < np.float32(momentum) < 1:
+        if not 0 < np.float32(self.momentum) < 1:
             raise ValueError(
                 "`BatchNorm(momentum=...)` is the weight kept on the old running "
                 f"average and must lie strictly between 0 and 1 in float32, but got "
@@ -478,21 +512,20 @@ class BatchNorm(StatefulLayer):
             state_dtype = dtype
         self.weight = jnp.ones(input_size, dtype) if channelwise_affine else None
         self.bias = jnp.zeros(input_size, dtype) if channelwise_affine else None
-        stats = tuple(_initial(jnp.zeros(input_size, state_dtype)))
+        mean, var = _initial(jnp.zeros(input_size, state_dtype))
         if approach == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
-            self.ema_state_index = StateIndex(stats)
+            self.ema_state_index = StateIndex((mean, var))
             self.batch_counter = self.batch_state_index = None
         else:
             self.ema_first_time_index = self.ema_state_index = None
             self.batch_counter = StateIndex(jnp.array(0))
-            self.batch_state_index = StateIndex(stats)
+            self.batch_state_index = StateIndex((mean, var))
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
         self.eps = eps
         self.channelwise_affine = channelwise_affine
-        self.momentum = momentum
         self.approach = approach
         self.r_max = options.get("r_max")
         self.d_max = options.get("d_max")
@@ -560,7 +593,7 @@ class BatchNorm(StatefulLayer):
             normaliser, new = self._approach(batch, running, step)
             update = None
             if valid is not None:
-                update = batch.count >= (1 if self.mode is not None else 2)
+                update = jnp.asarray(batch.n >= (1 if self.mode is not None else 2))
             state = self._store(state, step, new, update)
         return self._output(y, valid, normaliser, x.dtype), state
 
@@ -623,7 +656,7 @@ class BatchNorm(StatefulLayer):
             return _ema_smooth_start(
                 stats, running, step, momentum, self.eps, self.warmup
             )
-        unbiased = _Stats(batch.mean, batch.var * _bessel(batch.count))
+        unbiased = _Stats(batch.mean, batch.var * _bessel(batch.n))
         if self.approach == "batch_renorm":
             assert self.r_max is not None and self.d_max is not None
             assert self.warmup is not None
@@ -690,7 +723,7 @@ class _Totals(NamedTuple):
     """What one `BatchNorm` has seen while recomputing, summed over its calls."""
 
     calls: Int[Array, ""]
-    count: Float[Array, ""]  # valid values
+    n: Float[Array, ""]  # valid values
     dof: Float[Array, ""]  # the denominator of the variance
     mean: Array  # of all valid values
     m2: Array  # the sum over calls of the squared deviations from each call's mean
@@ -703,6 +736,11 @@ class _Recorder(StatefulLayer):
     layer: BatchNorm
     totals: StateIndex[_Totals]
     inference: bool
+
+    def __init__(self, layer: BatchNorm, totals: StateIndex[_Totals]):
+        self.layer = layer
+        self.totals = totals
+        self.inference = False  # so that `forward` switching it on is caught
 
     def __call__(self, x, state, *, key=None, inference=None, mask=None):
         del key
@@ -720,8 +758,8 @@ class _Recorder(StatefulLayer):
         first = _sums(y, valid, layer.axis_name, jnp.zeros(y.shape[0], y.dtype))
         batch = _sums(y, valid, layer.axis_name, lax.stop_gradient(first.mean))
         old = state.get(self.totals)
-        count = jnp.asarray(batch.count, old.count.dtype)
-        total = old.count + count
+        count = jnp.asarray(batch.n, old.n.dtype)
+        total = old.n + count
         unbiased = layer.approach in ("batch", "batch_renorm")
         dof = jnp.where(count >= 2, count - 1 if unbiased else count, 0)
         mean, var = (s.astype(old.mean.dtype) for s in batch[1:])
@@ -756,6 +794,29 @@ def _batches(batches: Any) -> Iterable:
         "arrays whose leading axis indexes the batches, or a list, iterator or "
         f"iterable of batches, but got {type(batches).__name__}."
     )
+
+
+def _recorders(tree: PyTree) -> list[_Recorder]:
+    is_recorder = lambda x: isinstance(x, _Recorder)
+    leaves = jtu.tree_leaves(tree, is_leaf=is_recorder)
+    return list({x.totals.marker: x for x in leaves if is_recorder(x)}.values())
+
+
+@filter_jit
+def _recompute_step(forward, recording, totals, batch):
+    """Runs `forward` on one batch; returns each recorder's new totals."""
+    recording = tree_at(
+        lambda tree: [x.totals.init for x in _recorders(tree)], recording, totals
+    )
+    try:
+        _, new_state = forward(recording, State(recording), batch)
+    except KeyError as error:  # `State.get` of a layer outside `recording`
+        raise ValueError(
+            "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the "
+            f"`model` it was given: it read the state of another layer ({error}). "
+            "`forward(model, state, batch)` must call the `model` it is given."
+        ) from error
+    return [new_state.get(x.totals) for x in _recorders(recording)]
 
 
 def recompute_batch_norm_statistics(
@@ -814,59 +875,50 @@ def recompute_batch_norm_statistics(
     inside `jax.jit` (it compiles each batch itself).
     """
     is_layer = lambda x: isinstance(x, BatchNorm)
-    is_recorder = lambda x: isinstance(x, _Recorder)
     name = "`eqx.nn.recompute_batch_norm_statistics`"
-    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves((model, state))):
+    leaves = jtu.tree_leaves((model, state))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # pyright: ignore
         raise ValueError(f"Call {name} outside `jax.jit`: it compiles each batch.")
-    recorders: dict[int, _Recorder] = {}
+    # By the marker of their running averages, which the recorder's totals reuse.
+    layers: dict[Any, BatchNorm] = {}
+    recorders: dict[Any, _Recorder] = {}
 
-    def restore(index: StateIndex) -> StateIndex:
-        # Its current value as its initial one, so that `State` can be built anew.
-        return tree_at(lambda i: i.init, index, state.get(index))
+    def restore(index: StateIndex, value) -> StateIndex:
+        return tree_at(lambda i: i.init, index, value)
 
     def swap(leaf):
+        # Every other stateful layer gets its current state as its initial one, so
+        # that `State` can be built anew; each `BatchNorm` becomes a recorder whose
+        # totals take the place of its running averages.
         if isinstance(leaf, StateIndex):
-            return restore(leaf)
+            return restore(leaf, state.get(leaf))
         if not is_layer(leaf):
             return leaf
-        if id(leaf) not in recorders:
-            layer = jtu.tree_map(
-                lambda x: restore(x) if isinstance(x, StateIndex) else x,
-                leaf,
-                is_leaf=lambda x: isinstance(x, StateIndex),
-            )
+        _, stats_index = leaf._indices()
+        marker = stats_index.marker
+        if marker not in recorders:
             with jax.numpy_dtype_promotion("standard"):
-                dtype = jnp.result_type(state.get(leaf._indices()[1])[0], jnp.float32)
+                dtype = jnp.result_type(state.get(stats_index)[0], jnp.float32)
             zeros = jnp.zeros(leaf.input_size, dtype)
             totals = _Totals(jnp.array(0), zeros[0].real, zeros[0].real, zeros, zeros)
-            recorders[id(leaf)] = _Recorder(layer, StateIndex(totals), False)
-        return recorders[id(leaf)]
+            without_state = tree_at(lambda b: b._indices(), leaf, (None, None))
+            layers[marker] = leaf
+            recorders[marker] = _Recorder(without_state, restore(stats_index, totals))
+        return recorders[marker]
 
-    def is_swapped(x):
-        return is_layer(x) or isinstance(x, StateIndex)
-
-    recording = jtu.tree_map(swap, model, is_leaf=is_swapped)
+    recording = jtu.tree_map(
+        swap, model, is_leaf=lambda x: is_layer(x) or isinstance(x, StateIndex)
+    )
     if not recorders:
         raise ValueError(
             f"{name}(forward, model, ...) found no `BatchNorm` in `model`."
         )
-
-    def inits(tree):
-        leaves = jtu.tree_leaves(tree, is_leaf=is_recorder)
-        return [x.totals.init for x in leaves if is_recorder(x)]
-
-    @filter_jit
-    def step(recording, totals, batch):
-        recording = tree_at(inits, recording, totals)
-        _, new_state = forward(recording, State(recording), batch)
-        return [new_state.get(x.totals) for x in recorders.values()]
-
-    totals = [x.totals.init for x in recorders.values()]
+    ordered = _recorders(recording)
+    totals = [cast(_Totals, x.totals.init) for x in ordered]
     for batch in _batches(batches):
-        totals = step(recording, totals, batch)
+        totals = _recompute_step(forward, recording, totals, batch)
     state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
-    for recorder, total in zip(recorders.values(), totals):
-        layer = recorder.layer
+    for recorder, total in zip(ordered, totals):
         if int(total.calls) == 0:
             raise ValueError(
                 f"{name}: `forward` did not call a `BatchNorm` of `model` (or no batch "
@@ -878,7 +930,7 @@ def recompute_batch_norm_statistics(
                 f"{name}: no batch had two or more valid values per channel, so the "
                 "variance is undefined."
             )
-        stats = _Stats(total.mean, total.m2 / total.dof)
+        layer = layers[recorder.totals.marker]
         steps = jnp.array(_saturated_steps(float(np.float32(layer.momentum))))
-        state = layer._store(state, steps, stats)
+        state = layer._store(state, steps, _Stats(total.mean, total.m2 / total.dof))
     return state
