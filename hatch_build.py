@@ -4,13 +4,16 @@ The wheel target stages one tree (upstream's `equinox/` package, then every file
 this repository's `equinox/` copied over it) and force-includes only that tree. The
 upstream wheel comes from `pip download` (so pip's own configuration and indexes
 apply) or, for offline builds, from the path in `$EQUINOX_UPSTREAM`. Its sha256 and
-its runtime dependencies are checked against the pins below.
+its runtime dependencies are checked against the pins below. A public name the overlay
+adds to an upstream package is added by editing that package's `__init__.py` in the
+staged tree (`PUBLIC_NAMES`); no copy of an upstream `__init__.py` lives here.
 """
 
 import email.parser
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +31,18 @@ UPSTREAM_WHEEL = f"equinox-{UPSTREAM_VERSION}-py3-none-any.whl"
 UPSTREAM_SHA256 = "ca004348533cc30a63ebe8823d7dd4bb626dce17743d40bbddb89b402ef2a240"
 UPSTREAM_ENV = "EQUINOX_UPSTREAM"
 OVERLAY_RECORD = "equinox_overlay.json"
+# Public names the overlay adds: per upstream file, the line it has in 0.13.8 and the
+# text that replaces that line. `scripts/export-to-upstream` reads this table (with
+# `ast`, without importing this file) to make the same edit in an upstream checkout.
+PUBLIC_NAMES = {
+    "equinox/nn/__init__.py": (
+        "from ._batch_norm import BatchNorm as BatchNorm\n",
+        "from ._batch_norm import (\n"
+        "    BatchNorm as BatchNorm,\n"
+        "    recompute_batch_norm_statistics as recompute_batch_norm_statistics,\n"
+        ")\n",
+    ),
+}
 
 
 class OverlayBuildHook(BuildHookInterface):
@@ -145,17 +160,46 @@ class OverlayBuildHook(BuildHookInterface):
             }
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+        edited = {}
+        for relative, (line, replacement) in PUBLIC_NAMES.items():
+            if relative in record:
+                raise RuntimeError(
+                    f"{relative} is both overlaid and edited by PUBLIC_NAMES: "
+                    "make the edit in the overlay file instead."
+                )
+            target = stage / relative
+            before = target.read_text(encoding="utf-8")
+            target.write_text(replace_line(before, line, replacement), encoding="utf-8")
+            edited[relative] = {
+                "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+                "upstream_sha256": hashlib.sha256(before.encode()).hexdigest(),
+                "replaced": line,
+                "with": replacement,
+            }
         (stage / OVERLAY_RECORD).write_text(
             json.dumps(
                 {
                     "upstream": UPSTREAM_WHEEL,
                     "upstream_sha256": UPSTREAM_SHA256,
                     "overlaid": record,
+                    "edited": edited,
                 },
                 indent=2,
             )
             + "\n"
         )
+
+
+def replace_line(text: str, line: str, replacement: str) -> str:
+    """Replaces the whole line `line` (ending in a newline) of `text` with
+    `replacement`; fails loudly unless `text` has that line exactly once."""
+    found = len(re.findall(f"^{re.escape(line)}", text, re.M))
+    if found != 1:
+        raise RuntimeError(
+            f"Expected the line {line.strip()!r} once in upstream's file, found it "
+            f"{found} times: update PUBLIC_NAMES in hatch_build.py."
+        )
+    return re.sub(f"^{re.escape(line)}", lambda _: replacement, text, flags=re.M)
 
 
 def _normalise(requirements: list[str]) -> set[tuple[str, ...]]:
