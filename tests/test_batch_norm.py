@@ -692,12 +692,12 @@ def test_recompute_explains_misuse(getkey):
         with pytest.raises(ValueError, match="inference mode"):
             recompute(call, model, state, batches)
     # A model passed in inference mode (say, to switch dropout off) is fine: its
-    # `BatchNorm`s run in training mode.
-    frozen = eqx.nn.inference_mode(model)
-    assert eqx.tree_equal(
-        recompute(forward, frozen, state, batches),
-        recompute(forward, model, state, batches),
-    )
+    # `BatchNorm`s run in training mode. (Its `SpectralNorm` does not, which changes
+    # what the second `BatchNorm` sees: compare the first.)
+    first = model.layers[0]
+    frozen = recompute(forward, eqx.nn.inference_mode(model), state, batches)
+    trained = recompute(forward, model, state, batches)
+    assert eqx.tree_equal(frozen.substate(first), trained.substate(first))
     with pytest.raises(ValueError, match="did not call"):
         recompute(lambda _, s, x: forward(model, s, x), model, state, batches)
     with pytest.raises(ValueError, match="did not call|no batch"):
