@@ -163,18 +163,18 @@ def _sums(
     if valid is not None:
         d = jnp.where(valid, d, 0)
     spatial = tuple(range(1, x.ndim))
-    parts = [jnp.sum(d, spatial), jnp.sum(d * jnp.conj(d), spatial)]
-    if valid is not None:
-        parts.append(jnp.sum(valid, dtype=x.dtype)[None])
-    sums = lax.psum(jnp.concatenate(parts), axis_name)
-    channels = x.shape[0]
+    # One `psum` of a tuple is one all-reduce (a concatenation would cost a copy).
+    sums = (jnp.sum(d, spatial), jnp.sum(d * jnp.conj(d), spatial).real)
     if valid is None:
+        linear, square = lax.psum(sums, axis_name)
         n = lax.psum(1, axis_name) * math.prod(x.shape[1:])
     else:
-        n = sums[-1].real
+        linear, square, n = lax.psum(
+            sums + (jnp.sum(valid, dtype=sums[1].dtype),), axis_name
+        )
     denominator = jnp.maximum(n, 1)
-    mean = sums[:channels] / denominator
-    square = sums[channels : 2 * channels].real / denominator
+    mean = linear / denominator
+    square = square / denominator
     var = jnp.maximum(square - (mean * jnp.conj(mean)).real, 0)
     return _Moments(n, shift + mean, var.astype(x.dtype))
 
@@ -185,10 +185,15 @@ def _batch_moments(
     moments = _sums(x, valid, axis_name, shift)
     distance = (moments.mean - shift) * jnp.conj(moments.mean - shift)
     far = jnp.any(distance.real > _MAX_SHIFT**2 * moments.var.real)
-    mean, var = lax.cond(
+    # The redone sums give the values; the gradient is the first pass's, which has the
+    # same derivative and keeps the `lax.cond` out of the backward pass.
+    exact = lax.cond(
         far,
-        lambda: _sums(x, valid, axis_name, lax.stop_gradient(moments.mean))[1:],
+        lambda: _sums(x, valid, axis_name, moments.mean)[1:],
         lambda: moments[1:],
+    )
+    mean, var = (
+        m + lax.stop_gradient(e - m) for m, e in zip(moments[1:], exact, strict=True)
     )
     return _Moments(moments.n, mean, var)
 
