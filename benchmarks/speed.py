@@ -1,161 +1,104 @@
-"""Speed and memory of `eqx.nn.BatchNorm` against a hand-written floor, Flax and Haiku.
+"""Speed and memory of `eqx.nn.BatchNorm` against two hand-written floors, Flax and
+Haiku, and the all-reduces it needs when data-parallel.
 
-Everything runs in one process, in interleaved rounds whose order rotates, and the
-result is the median over rounds of each variant's time *divided by the floor's time in
+Everything runs in one process, in interleaved rounds whose order rotates, and every
+ratio is the median over rounds of a variant's time *divided by the other's time in
 the same round* (absolute times on shared machines drift; paired ratios do not).
 
-    python benchmarks/speed.py            # full run, a few minutes on 2 CPU cores
-    python benchmarks/speed.py --quick    # smoke run (CI)
+    python benchmarks/speed.py                  # full run, ~5 minutes on 2 CPU cores
+    python benchmarks/speed.py --quick          # smoke run (CI)
+    python benchmarks/speed.py --out benchmarks/results/speed_cpu.md
     python benchmarks/speed.py --equinox-only --approaches batch ema
-                                          # runs on stock equinox 0.13.8 too
+                                                # runs on stock equinox 0.13.8 too
 
-Measured: (a) one layer's training step, the jitted value-and-grad of sum(out**2) with
-respect to the input and the affine parameters, both as one jitted call per step and
-"in-jit" (K dependent steps inside one `lax.fori_loop`, divided by K); (b) a jitted SGD
-step of a small ResNet per approach, without normalisation, and with the floor as an
-Equinox layer; (c) one inference call; (d) lower+compile time; (e) XLA's temp bytes and
-the number of full-size arrays in the optimised HLO.
+The rows (`layers.py`): the two floors, minimal batch normalisation in plain
+`jax.numpy`, two-pass (the mean, then the mean squared deviation: stock Equinox's
+algorithm) and one-pass (E[x^2] - E[x]^2 from one read: Flax's fast variance and
+Haiku's algorithm); every approach of `eqx.nn.BatchNorm`; `approach="batch"` again with
+an all-valid `mask=`; Flax linen's BatchNorm with `use_fast_variance=True` and `False`;
+Haiku's. For each layer shape (`workloads.LAYER_SHAPES`) it measures:
+
+- the training step, the jitted value-and-grad of sum(out**2) with respect to the input
+  and the affine parameters: "in-jit" (K dependent steps inside one `lax.fori_loop`,
+  divided by K: the layer's own cost) and as one jitted call per step (adds dispatch);
+- inference, in-jit and per call, likewise;
+- lower+compile time of the training step (a fresh `jit` in each round);
+- XLA's temp bytes (`compiled.memory_analysis()`), the HLO instructions and the number
+  of full-size arrays in the optimised HLO of the training step.
+
+Then the per-layer cost in a jitted SGD step of a small ResNet (`workloads.ResNet`),
+and the number of all-reduces in the compiled HLO of a jit + `NamedSharding` training
+step through 3 norm layers and a summed loss, on 8 CPU devices (in a subprocess, which
+sets `XLA_FLAGS=--xla_force_host_platform_device_count=8` before JAX starts): forward
+only, and forward and backward. A `lax.cond` runs one branch, so the count walks the
+HLO from its entry computation into every computation it calls, and into one branch of
+each `conditional`: branch 0, the `false` branch of `lax.cond`. That is the branch
+`eqx.nn.BatchNorm` takes on every step whose batch mean is within 4 batch standard
+deviations of the running mean, i.e. every step after the first in practice; its
+`true` branch redoes the sums around the batch mean (the first step, whose running
+mean is 0). The table also gives the count when every conditional takes its costliest
+branch.
 """
 
 import argparse
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import layers
+import numpy as np
+from layers import (
+    eqx_name,
+    FLAX_FAST,
+    FLAX_TWO_PASS,
+    HAIKU,
+    ONE_PASS_FLOOR,
+    TWO_PASS_FLOOR,
+)
 from markdown_table import markdown_table
+from workloads import (
+    AXIS,
+    has_approach,
+    LAYER_SHAPES,
+    norm_factory,
+    QUICK_LAYER_SHAPES,
+    QUICK_RESNET_STEP,
+    RESNET_STEP,
+    ResNetStep,
+)
 
 
-DESCRIPTION = "Speed and memory of eqx.nn.BatchNorm against a floor, Flax and Haiku."
+DESCRIPTION = "Speed and memory of eqx.nn.BatchNorm against floors, Flax and Haiku."
 APPROACHES = ("batch", "batch_renorm", "ema", "ema_debiased", "ema_smooth_start")
-EPS = 1e-5
+MASKED = ("batch",)  # approaches also measured with an all-valid mask
 MOMENTUM = 0.9
+FLOORS = (TWO_PASS_FLOOR, ONE_PASS_FLOOR)
+# The targets of equinox issue 19 (training in-jit, inference, compile) and 18 (mask).
+TARGETS = {"conv": 1.05, "dense": 1.10, "inference": 1.05, "compile": 1.3}
+MASK_TARGET = 1.15
+PEER_SLACK = 0.02  # dense: at most this much above the faster of Flax fast and Haiku
 
 
-# --------------------------------------------------------------------------- layers
-# Each variant is (params, state, init(x) -> (params, state), train(params, state, x)
-# -> (out, state), infer(params, state, x) -> out), on a whole batch (N, C, *spatial).
+class Report:
+    """Markdown that is printed as it is written, and saved with `--out`."""
 
+    def __init__(self):
+        self.parts: list[str] = []
 
-def floor_train(params, state, x):
-    """The floor: minimal two-pass batch normalisation in plain jax.numpy, with the
-    plain EMA of the batch statistics that any BatchNorm keeps for inference."""
-    weight, bias = params
-    axes = (0,) + tuple(range(2, x.ndim))
-    channel = (1, -1) + (1,) * (x.ndim - 2)
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    centred = x - mean
-    var = jnp.mean(centred * centred, axis=axes)
-    scale = (weight * jax.lax.rsqrt(var + EPS)).reshape(channel)
-    running_mean, running_var = state
-    state = (
-        MOMENTUM * running_mean + (1 - MOMENTUM) * mean.reshape(-1),
-        MOMENTUM * running_var + (1 - MOMENTUM) * var,
-    )
-    return centred * scale + bias.reshape(channel), state
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.parts.append(text)
 
-
-def floor_infer(params, state, x):
-    weight, bias = params
-    mean, var = state
-    channel = (1, -1) + (1,) * (x.ndim - 2)
-    scale = (weight * jax.lax.rsqrt(var + EPS)).reshape(channel)
-    return (x - mean.reshape(channel)) * scale + bias.reshape(channel)
-
-
-def floor_variant(x):
-    channels = x.shape[1]
-    params = (jnp.ones(channels), jnp.zeros(channels))
-    state = (jnp.zeros(channels), jnp.ones(channels))
-    return params, state, floor_train, floor_infer
-
-
-def equinox_variant(approach, x):
-    kwargs = {"approach": approach}
-    if not _fork():  # stock 0.13.8 knows only `mode=`
-        kwargs = {"mode": approach}
-    layer, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        x.shape[1], "batch", momentum=MOMENTUM, **kwargs
-    )
-    params, static = eqx.partition(layer, eqx.is_inexact_array)
-
-    def train(params, state, x):
-        layer = eqx.combine(params, static)
-        return jax.vmap(
-            layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-        )(x, state)
-
-    def infer(params, state, x):
-        layer = eqx.nn.inference_mode(eqx.combine(params, static))
-        return jax.vmap(
-            layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-        )(x, state)[0]
-
-    return params, state, train, infer
-
-
-def flax_variant(fast_variance, x):
-    import flax.linen as nn
-
-    module = nn.BatchNorm(
-        use_running_average=False,
-        axis=1,
-        momentum=MOMENTUM,
-        epsilon=EPS,
-        use_fast_variance=fast_variance,
-    )
-    variables = module.init(jax.random.PRNGKey(0), x)
-    inference = module.copy(use_running_average=True)
-
-    def train(params, state, x):
-        out, updates = module.apply(
-            {"params": params, "batch_stats": state}, x, mutable=["batch_stats"]
-        )
-        return out, updates["batch_stats"]
-
-    def infer(params, state, x):
-        return inference.apply({"params": params, "batch_stats": state}, x)
-
-    return variables["params"], variables["batch_stats"], train, infer
-
-
-def haiku_variant(x):
-    import haiku as hk
-
-    def forward(x, is_training):
-        bn = hk.BatchNorm(True, True, MOMENTUM, eps=EPS, data_format="channels_first")
-        return bn(x, is_training=is_training)
-
-    transformed = hk.transform_with_state(forward)
-    params, state = transformed.init(None, x, True)
-
-    def train(params, state, x):
-        return transformed.apply(params, state, None, x, True)
-
-    def infer(params, state, x):
-        return transformed.apply(params, state, None, x, False)[0]
-
-    return params, state, train, infer
-
-
-def _fork() -> bool:
-    return "+" in eqx.__version__
-
-
-def variants(x, approaches, equinox_only) -> dict[str, tuple]:
-    out: dict[str, tuple] = {"floor": floor_variant(x)}
-    for approach in approaches:
-        out[f"eqx {approach}"] = equinox_variant(approach, x)
-    if not equinox_only:
-        out["flax (one-pass)"] = flax_variant(True, x)
-        out["flax (two-pass)"] = flax_variant(False, x)
-        out["haiku"] = haiku_variant(x)
-    return out
+    def table(self, header, rows) -> None:
+        self(markdown_table(header, rows) + "\n")
 
 
 # ------------------------------------------------------------------------ programs
@@ -164,28 +107,27 @@ def variants(x, approaches, equinox_only) -> dict[str, tuple]:
 def step_program(train):
     """value_and_grad of sum(out**2) w.r.t. (input, params), plus the new state."""
 
-    def loss(x, params, state):
-        out, state = train(params, state, x)
+    def loss(x, params, state, *extra):
+        out, state = train(params, state, x, *extra)
         return jnp.sum(out * out), state
 
-    def step(x, params, state):
-        (value, state), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            x, params, state
-        )
+    def step(x, params, state, *extra):
+        grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        (value, state), grads = grad(x, params, state, *extra)
         return value, grads, state
 
     return step
 
 
-def loop_program(train, steps):
+def train_loop_program(train, steps):
     """K dependent training steps in one fori_loop: each step's input depends on the
     previous step's gradient, so nothing can be hoisted."""
     step = step_program(train)
 
-    def run(x, params, state):
+    def run(x, params, state, *extra):
         def body(_, carry):
             x, params, state = carry
-            _, (gx, gp), state = step(x, params, state)
+            _, (gx, gp), state = step(x, params, state, *extra)
             x = x - 1e-6 * gx
             params = jax.tree_util.tree_map(lambda p, g: p - 1e-6 * g, params, gp)
             return x, params, state
@@ -193,6 +135,20 @@ def loop_program(train, steps):
         return jax.lax.fori_loop(0, steps, body, (x, params, state))
 
     return run
+
+
+def infer_loop_program(infer, steps):
+    """K dependent inference calls in one fori_loop."""
+
+    def run(x, params, state, *extra):
+        body = lambda _, x: x + 1e-6 * infer(params, state, x, *extra)
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    return run
+
+
+def infer_program(infer):
+    return lambda x, params, state, *extra: infer(params, state, x, *extra)
 
 
 def block(tree):
@@ -209,142 +165,169 @@ def time_call(fn: Callable, args, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def rotations(names, rounds):
+    for r in range(rounds):
+        yield names[r % len(names) :] + names[: r % len(names)]
+
+
 def interleaved(programs: dict[str, tuple], rounds: int, repeats: int, scale=1.0):
     """Times every program in `rounds` rotated rounds. Returns per-name lists."""
-    names = list(programs)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    times = {name: [] for name in programs}
+    for order in rotations(list(programs), rounds):
+        for name in order:
             fn, args = programs[name]
             times[name].append(time_call(fn, args, repeats) * scale)
     return times
 
 
-def summary(times, baseline="floor"):
-    rows = []
+def paired_ratio(times, name, baseline) -> float:
+    """The median over rounds of `name`'s time over `baseline`'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+
+
+def timing_table(report: Report, title: str, times) -> dict[str, dict[str, float]]:
+    """Prints the table; returns each row's paired ratio against each floor."""
+    report(f"#### {title}\n")
+    header = ["variant", "median ms", "min–max ms"] + [f"vs {f}" for f in FLOORS]
+    rows, ratios = [], {}
     for name, values in times.items():
-        ratios = [v / f for v, f in zip(values, times[baseline])]
+        ratios[name] = {f: paired_ratio(times, name, f) for f in FLOORS}
         rows.append(
-            (
+            [
                 name,
-                statistics.median(values) * 1e3,
-                min(values) * 1e3,
-                max(values) * 1e3,
-                statistics.median(ratios),
+                f"{statistics.median(values) * 1e3:.3f}",
+                f"{min(values) * 1e3:.3f}–{max(values) * 1e3:.3f}",
+                *(f"{ratios[name][f]:.3f}" for f in FLOORS),
+            ]
+        )
+    report.table(header, rows)
+    return ratios
+
+
+def hlo_stats(text: str, shape) -> tuple[int, int]:
+    """(number of instructions in the entry computation, number of them producing a
+    full-size array) in the optimised HLO."""
+    entry = text[text.index("ENTRY") :]
+    lines = [line for line in entry.splitlines()[1:] if "=" in line]
+    full = "[" + ",".join(map(str, shape)) + "]"
+    return len(lines), sum(full in line.split("=")[1].split("(")[0] for line in lines)
+
+
+# --------------------------------------------------------------------- one layer
+
+
+def layer_section(report: Report, label: str, shape, args) -> dict:
+    """Every measurement of one layer shape. Returns the paired ratios by table."""
+    rounds, repeats, k = args.rounds, args.repeats, args.loop_steps
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    rows = layers.speed_layers(
+        x, MOMENTUM, args.approaches, not args.equinox_only, MASKED
+    )
+    programs = {
+        "train": lambda layer: jax.jit(train_loop_program(layer.train, k)),
+        "train (one call)": lambda layer: jax.jit(step_program(layer.train)),
+        "inference": lambda layer: jax.jit(infer_loop_program(layer.infer, k)),
+        "inference (one call)": lambda layer: jax.jit(infer_program(layer.infer)),
+    }
+    if args.quick:  # the in-jit programs only
+        programs = {key: programs[key] for key in ("train", "inference")}
+    report(f"### {label}\n")
+    times = {}
+    for key, program in programs.items():
+        timed = {
+            name: (program(layer), (x, layer.params, layer.state, *layer.extra))
+            for name, layer in rows.items()
+        }
+        scale = 1 if "one call" in key else 1 / k
+        times[key] = interleaved(timed, rounds, repeats, scale)
+    titles = {
+        "train": f"training step (fwd+bwd), in-jit ({k} steps per call)",
+        "train (one call)": "training step (fwd+bwd), one jitted call per step",
+        "inference": f"inference, in-jit ({k} calls per call)",
+        "inference (one call)": "inference, one jitted call",
+    }
+    ratios = {key: timing_table(report, titles[key], t) for key, t in times.items()}
+
+    # Compile time: a fresh `jit` per round (so nothing is cached), interleaved.
+    compile_times = {name: [] for name in rows}
+    compiled = {}
+    for order in rotations(list(rows), args.compile_rounds):
+        for name in order:
+            layer = rows[name]
+            start = time.perf_counter()
+            compiled[name] = (
+                jax.jit(step_program(layer.train))
+                .lower(x, layer.params, layer.state, *layer.extra)
+                .compile()
             )
+            compile_times[name].append(time.perf_counter() - start)
+    temp = {}
+    for name, c in compiled.items():
+        memory = c.memory_analysis()
+        temp[name] = float(getattr(memory, "temp_size_in_bytes", float("nan")))
+    ratios["compile"] = {
+        name: {f: paired_ratio(compile_times, name, f) for f in FLOORS} for name in rows
+    }
+    ratios["temp bytes"] = {
+        name: {f: temp[name] / temp[f] if temp[f] else float("nan") for f in FLOORS}
+        for name in rows
+    }
+    report(
+        f"#### compile and memory (training step; compile: {args.compile_rounds} "
+        "rounds)\n"
+    )
+    header = ["variant", "lower+compile s"]
+    header += [f"compile vs {f}" for f in FLOORS] + ["XLA temp MiB"]
+    header += [f"temp vs {f}" for f in FLOORS]
+    header += ["HLO instructions", "full-size arrays"]
+    cells = []
+    for name in rows:
+        instructions, full = hlo_stats(compiled[name].as_text(), shape)
+        cells.append(
+            [
+                name,
+                f"{statistics.median(compile_times[name]):.3f}",
+                *(f"{ratios['compile'][name][f]:.3f}" for f in FLOORS),
+                f"{temp[name] / 2**20:.2f}",
+                *(f"{ratios['temp bytes'][name][f]:.3f}" for f in FLOORS),
+                instructions,
+                full,
+            ]
         )
-    return rows
+    report.table(header, cells)
+
+    # Masked against unmasked, paired round by round.
+    masked = [a for a in MASKED if eqx_name(a, True) in rows]
+    ratios["masked"] = {}
+    if masked:
+        report("#### the same approach with an all-valid `mask=`, over without\n")
+        header = ["approach"] + list(times) + ["compile", "temp bytes"]
+        cells = []
+        for approach in masked:
+            a, b = eqx_name(approach, True), eqx_name(approach)
+            r = {key: paired_ratio(t, a, b) for key, t in times.items()}
+            r["compile"] = paired_ratio(compile_times, a, b)
+            r["temp bytes"] = temp[a] / temp[b] if temp[b] else float("nan")
+            ratios["masked"][approach] = r
+            cells.append([approach] + [f"{v:.3f}" for v in r.values()])
+        report.table(header, cells)
+    return ratios
 
 
-def print_table(title, rows):
-    print(f"\n### {title}\n")
-    header = ["variant", "median ms", "min–max ms", "paired ratio vs floor"]
-    cells = [
-        [name, f"{median:.3f}", f"{low:.3f}–{high:.3f}", f"{ratio:.3f}"]
-        for name, median, low, high, ratio in rows
-    ]
-    print(markdown_table(header, cells))
+# ------------------------------------------------------------------------ ResNet
 
 
-# ------------------------------------------------------------------------- ResNet
-
-
-class FloorNorm(eqx.Module):
-    """The floor as an Equinox layer: batch statistics, and a plain EMA of them."""
-
-    weight: jax.Array
-    bias: jax.Array
-    running: eqx.nn.StateIndex
-
-    def __init__(self, channels):
-        self.weight = jnp.ones(channels)
-        self.bias = jnp.zeros(channels)
-        self.running = eqx.nn.StateIndex((jnp.zeros(channels), jnp.ones(channels)))
-
-    def __call__(self, x, state):
-        axes = tuple(range(1, x.ndim))
-        channel = (-1,) + (1,) * (x.ndim - 1)
-        mean = jax.lax.pmean(jnp.mean(x, axis=axes), "batch")
-        centred = x - mean.reshape(channel)
-        var = jax.lax.pmean(jnp.mean(centred * centred, axis=axes), "batch")
-        scale = self.weight * jax.lax.rsqrt(var + EPS)
-        running_mean, running_var = state.get(self.running)
-        state = state.set(
-            self.running,
-            (
-                MOMENTUM * running_mean + (1 - MOMENTUM) * mean,
-                MOMENTUM * running_var + (1 - MOMENTUM) * var,
-            ),
-        )
-        return centred * scale.reshape(channel) + self.bias.reshape(channel), state
-
-
-class NoNorm(eqx.Module):
-    def __call__(self, x, state):
-        return x, state
-
-
-def make_norm(kind, channels):
-    if kind == "none":
-        return NoNorm()
-    if kind == "floor":
-        return FloorNorm(channels)
-    kwargs = {"approach": kind} if _fork() else {"mode": kind}
-    return eqx.nn.BatchNorm(channels, "batch", momentum=MOMENTUM, **kwargs)
-
-
-class Block(eqx.Module):
-    conv1: eqx.nn.Conv2d
-    norm1: Any
-    conv2: eqx.nn.Conv2d
-    norm2: Any
-
-    def __init__(self, channels, kind, key):
-        k1, k2 = jax.random.split(key)
-        self.conv1 = eqx.nn.Conv2d(
-            channels, channels, 3, padding=1, use_bias=False, key=k1
-        )
-        self.norm1 = make_norm(kind, channels)
-        self.conv2 = eqx.nn.Conv2d(
-            channels, channels, 3, padding=1, use_bias=False, key=k2
-        )
-        self.norm2 = make_norm(kind, channels)
-
-    def __call__(self, x, state):
-        y, state = self.norm1(self.conv1(x), state)
-        y, state = self.norm2(self.conv2(jax.nn.relu(y)), state)
-        return jax.nn.relu(x + y), state
-
-
-class ResNet(eqx.Module):
-    stem: eqx.nn.Conv2d
-    norm: Any
-    blocks: list
-    head: eqx.nn.Linear
-
-    def __init__(self, kind, width, key):
-        keys = jax.random.split(key, 4)
-        self.stem = eqx.nn.Conv2d(3, width, 3, padding=1, use_bias=False, key=keys[0])
-        self.norm = make_norm(kind, width)
-        self.blocks = [Block(width, kind, k) for k in keys[1:3]]
-        self.head = eqx.nn.Linear(width, 10, key=keys[3])
-
-    def __call__(self, x, state):
-        x, state = self.norm(self.stem(x), state)
-        x = jax.nn.relu(x)
-        for block in self.blocks:
-            x, state = block(x, state)
-        return self.head(jnp.mean(x, axis=(1, 2))), state
-
-
-def resnet_program(kind, width, batch, image):
-    model, state = eqx.nn.make_with_state(ResNet)(kind, width, jax.random.PRNGKey(0))
-    x = jax.random.normal(jax.random.PRNGKey(1), (batch, 3, image, image))
-    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+def resnet_program(kind: str, config: ResNetStep):
+    norm = norm_factory(kind, MOMENTUM)
+    model, state = eqx.nn.make_with_state(config.model)(norm, jax.random.PRNGKey(0))
+    x = jax.random.normal(
+        jax.random.PRNGKey(1), (config.batch, 3, config.image, config.image)
+    )
+    y = jax.random.randint(jax.random.PRNGKey(2), (config.batch,), 0, 10)
 
     def loss(model, state, x, y):
         logits, state = jax.vmap(
-            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+            model, axis_name=AXIS, in_axes=(0, None), out_axes=(0, None)
         )(x, state)
         log_probs = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1)), state
@@ -362,109 +345,13 @@ def resnet_program(kind, width, batch, image):
     return step, (model, state, x, y)
 
 
-# --------------------------------------------------------------------------- main
-
-
-def hlo_stats(compiled, shape) -> tuple[int, int]:
-    """(number of instructions in the entry computation, number of them producing a
-    full-size array) in the optimised HLO."""
-    text = compiled.as_text()
-    entry = text[text.index("ENTRY") :]
-    lines = [line for line in entry.splitlines()[1:] if "=" in line]
-    full = "[" + ",".join(map(str, shape)) + "]"
-    return len(lines), sum(full in line.split("=")[1].split("(")[0] for line in lines)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
-    parser.add_argument("--quick", action="store_true", help="smoke run")
-    parser.add_argument("--equinox-only", action="store_true")
-    parser.add_argument("--approaches", nargs="+", default=list(APPROACHES))
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--loop-steps", type=int, default=10)
-    parser.add_argument("--resnet-width", type=int, default=16)
-    parser.add_argument("--resnet-batch", type=int, default=64)
-    args = parser.parse_args(argv)
-    rounds, repeats, k = (args.rounds, 3, args.loop_steps)
-    shapes = {
-        "conv (128, 64, 16, 16)": (128, 64, 16, 16),
-        "dense (256, 512)": (256, 512),
-    }
-    if args.quick:
-        rounds, repeats, k = 2, 1, 2
-        shapes = {"conv (8, 4, 4, 4)": (8, 4, 4, 4), "dense (8, 16)": (8, 16)}
-    malloc = os.environ.get("MALLOC_MMAP_MAX_")
-    print(
-        f"# BatchNorm speed\n\n{jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}), "
-        f"{os.cpu_count()} CPUs, jax {jax.__version__}, equinox {eqx.__version__}, "
-        f"float32. {rounds} interleaved rounds; medians. Allocator: "
-        + (f"MALLOC_MMAP_MAX_={malloc}" if malloc is not None else "glibc default")
-        + "."
-    )
-    for label, shape in shapes.items():
-        x = jax.random.normal(jax.random.PRNGKey(0), shape)
-        vs = variants(x, args.approaches, args.equinox_only)
-        per_call, in_jit, infer, compile_rows, memory_rows = {}, {}, {}, [], []
-        for name, (params, state, train, inference) in vs.items():
-            step = jax.jit(step_program(train))
-            per_call[name] = (step, (x, params, state))
-            in_jit[name] = (jax.jit(loop_program(train, k)), (x, params, state))
-            infer[name] = (jax.jit(inference), (params, state, x))
-            start = time.perf_counter()
-            compiled = jax.jit(step_program(train)).lower(x, params, state).compile()
-            compile_rows.append((name, time.perf_counter() - start))
-            memory = compiled.memory_analysis()
-            temp = getattr(memory, "temp_size_in_bytes", float("nan"))
-            instructions, full = hlo_stats(compiled, shape)
-            memory_rows.append((name, temp, instructions, full))
-        print(f"\n## {label}")
-        print_table(
-            "training step, one jitted call",
-            summary(interleaved(per_call, rounds, repeats)),
-        )
-        print_table(
-            f"training step, in-jit ({k} steps per call)",
-            summary(interleaved(in_jit, rounds, repeats, scale=1 / k)),
-        )
-        print_table(
-            "inference, one jitted call", summary(interleaved(infer, rounds, repeats))
-        )
-        floor_temp = memory_rows[0][1]
-        print("\n### compile and memory (training step)\n")
-        header = [
-            "variant",
-            "lower+compile s",
-            "XLA temp MiB",
-            "temp vs floor",
-            "HLO instructions",
-            "full-size arrays",
-        ]
-        cells = [
-            [
-                name,
-                f"{seconds:.3f}",
-                f"{temp / 2**20:.2f}",
-                f"{temp / floor_temp if floor_temp else float('nan'):.3f}",
-                instructions,
-                full,
-            ]
-            for (name, seconds), (_, temp, instructions, full) in zip(
-                compile_rows, memory_rows
-            )
-        ]
-        print(markdown_table(header, cells))
-    width, batch, image = args.resnet_width, args.resnet_batch, 32
-    if args.quick:
-        width, batch, image = 4, 4, 8
+def resnet_section(report: Report, config: ResNetStep, args) -> None:
     kinds = ["none", "floor"] + list(args.approaches)
-    programs = {}
-    for kind in kinds:
-        programs[kind] = resnet_program(kind, width, batch, image)
-    times = interleaved(programs, rounds, repeats)
-    print(
-        f"\n## ResNet SGD step (width {width}, batch {batch}, {image}x{image}, "
-        "5 norm layers)\n"
+    programs = {kind: resnet_program(kind, config) for kind in kinds}
+    times = interleaved(programs, args.rounds, args.repeats)
+    report(
+        f"## ResNet SGD step (width {config.width}, batch {config.batch}, "
+        f"{config.image}x{config.image}, 5 norm layers)\n"
     )
 
     # The cost of the norm layers is each round's time minus the same round's time
@@ -477,7 +364,7 @@ def main(argv=None) -> None:
     for kind in kinds:
         cells.append(
             [
-                kind,
+                TWO_PASS_FLOOR if kind == "floor" else kind,
                 f"{statistics.median(times[kind]) * 1e3:.3f}",
                 f"{min(times[kind]) * 1e3:.3f}–{max(times[kind]) * 1e3:.3f}",
                 f"{added(kind) / floor_added:.3f}"
@@ -486,7 +373,383 @@ def main(argv=None) -> None:
             ]
         )
     header = ["norm", "median ms", "min–max ms", "per-layer cost vs floor layer"]
-    print(markdown_table(header, cells))
+    report.table(header, cells)
+
+
+# ------------------------------------------------------------------- all-reduces
+
+ALL_REDUCE = re.compile(r"\ball-reduce(-start)?\(")
+CALLED = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+FALSE_BRANCH = re.compile(r"\bfalse_computation=%?([\w.\-]+)")
+TRUE_BRANCH = re.compile(r"\btrue_computation=%?([\w.\-]+)")
+
+
+def count_all_reduces(hlo: str) -> tuple[int, int, int]:
+    """All-reduce instructions on the path of the compiled HLO module `hlo`, taking
+    in every conditional: (branch 0, i.e. the false branch of a `lax.cond`; its
+    costliest branch; its cheapest branch). Instructions in called computations
+    (fusions, loops, branches) count."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            if header.group(1):
+                entry = current
+        elif current is not None and line.startswith(" "):
+            computations[current].append(line)
+    memo: dict[str, tuple[int, int, int]] = {}
+
+    def count(name: str) -> tuple[int, int, int]:
+        if name not in memo:
+            taken = worst = best = 0
+            for line in computations.get(name, []):
+                ops = line.split("=", 1)[1] if "=" in line else line
+                if ALL_REDUCE.search(ops.split("metadata=")[0]):
+                    taken, worst, best = taken + 1, worst + 1, best + 1
+                branches = BRANCHES.search(line)
+                false_branch = FALSE_BRANCH.search(line)
+                if branches or false_branch:
+                    if branches:
+                        names = [
+                            b.strip().lstrip("%") for b in branches.group(1).split(",")
+                        ]
+                    else:
+                        true_branch = TRUE_BRANCH.search(line)
+                        assert false_branch and true_branch
+                        names = [false_branch.group(1), true_branch.group(1)]
+                    counts = [count(b) for b in names]
+                    taken += counts[0][0]
+                    worst += max(c[1] for c in counts)
+                    best += min(c[2] for c in counts)
+                    continue
+                for called in CALLED.findall(line):
+                    c = count(called)
+                    taken, worst, best = taken + c[0], worst + c[1], best + c[2]
+            memo[name] = (taken, worst, best)
+        return memo[name]
+
+    assert entry is not None
+    return count(entry)
+
+
+class Stack(eqx.Module):
+    """Norm layers in sequence, with relu between: the data-parallel probe."""
+
+    norms: tuple
+
+    def __init__(self, norm, channels, depth=3):
+        self.norms = tuple(norm(channels) for _ in range(depth))
+
+    def __call__(self, x, state, mask=None):
+        for i, norm in enumerate(self.norms):
+            if mask is None:
+                x, state = norm(x, state)
+            else:
+                x, state = norm(x, state, mask=mask)
+            if i < len(self.norms) - 1:
+                x = jax.nn.relu(x)
+        return x, state
+
+
+def all_reduce_rows(approaches, peers: bool):
+    """(name, kind, masked) of each row of the all-reduce table."""
+    rows = [(TWO_PASS_FLOOR, "floor (two-pass)", False)]
+    rows.append((ONE_PASS_FLOOR, "floor (one-pass)", False))
+    rows += [(eqx_name(a), a, False) for a in approaches]
+    if has_approach():
+        rows += [(eqx_name(a, True), a, True) for a in MASKED if a in approaches]
+    if peers:
+        rows += [(FLAX_FAST, "flax", True), (FLAX_TWO_PASS, "flax", False)]
+        rows += [(HAIKU, "haiku", False)]
+    return rows
+
+
+def _peer_loss(layer: layers.Layer):
+    """sum(out) through 3 copies of a Flax or Haiku layer, on the whole batch."""
+
+    def loss(params, state, x, mask):
+        new = []
+        for i, (p, s) in enumerate(zip(params, state)):
+            x, s = layer.train(p, s, x)
+            new.append(s)
+            if i < 2:
+                x = jax.nn.relu(x)
+        return jnp.sum(x), new
+
+    return loss
+
+
+def _equinox_loss(static, masked: bool):
+    """sum(out) through a `Stack`, under `jax.vmap(..., axis_name=AXIS)`."""
+
+    def loss(params, state, x, mask):
+        model = eqx.combine(params, static)
+        call = lambda x, m: model(x, state, m if masked else None)
+        y, state = jax.vmap(call, axis_name=AXIS, in_axes=(0, 0), out_axes=(0, None))(
+            x, mask
+        )
+        return jnp.sum(y), state
+
+    return loss
+
+
+def all_reduce_probe(approaches, peers: bool, shape) -> list[dict]:
+    """Runs in the subprocess with 8 CPU devices. For each row, the all-reduces of
+    jit(loss) and jit(value_and_grad(loss)) through 3 norm layers, where loss sums the
+    outputs and the batch is sharded over the 8 devices. Equinox layers run under
+    `jax.vmap(..., axis_name=AXIS)`; Flax and Haiku on the whole batch, where XLA's
+    partitioner inserts the all-reduces."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices("cpu")
+    assert len(devices) >= 8, "needs --xla_force_host_platform_device_count=8"
+    mesh = Mesh(np.array(devices[:8]), ("devices",))
+    sharding = NamedSharding(mesh, PartitionSpec("devices"))
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), shape), sharding)
+    mask = jax.device_put(jnp.ones((shape[0],) + shape[2:], bool), sharding)
+    out = []
+    for name, kind, option in all_reduce_rows(approaches, peers):
+        if kind in ("flax", "haiku"):
+            layer = (
+                layers.flax(x, option, MOMENTUM)
+                if kind == "flax"
+                else layers.haiku(x, MOMENTUM)
+            )
+            params, state = [layer.params] * 3, [layer.state] * 3
+            loss = _peer_loss(layer)
+        else:
+            model, state = eqx.nn.make_with_state(Stack)(
+                norm_factory(kind, MOMENTUM), shape[1]
+            )
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+            loss = _equinox_loss(static, masked=option)
+        counts = {}
+        for program, fn in (
+            ("fwd", loss),
+            ("fwd+bwd", jax.value_and_grad(loss, has_aux=True)),
+        ):
+            hlo = jax.jit(fn).lower(params, state, x, mask).compile().as_text()
+            counts[program] = count_all_reduces(hlo or "")
+        out.append({"name": name, **counts})
+    return out
+
+
+def all_reduce_section(report: Report, args) -> dict:
+    """Runs the probe in a subprocess with 8 CPU devices and reports its counts."""
+    shape = (64, 8) if args.quick else (256, 32)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [sys.executable, __file__, "--all-reduce-probe", "--approaches"]
+    command += list(args.approaches)
+    command += ["--probe-shape", *map(str, shape)]
+    if args.equinox_only or args.quick:
+        command.append("--equinox-only")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise RuntimeError("the all-reduce probe failed")
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    report(
+        f"## All-reduces per training step, 8 CPU devices\n\njit + `NamedSharding`, "
+        f"batch {shape} sharded over a `Mesh` of 8 CPU devices, 3 norm layers (relu "
+        "between) and a summed loss; all-reduce instructions in the compiled HLO. "
+        "Counted on a step after the first: in a `conditional`, branch 0 (the `false` "
+        "branch of `lax.cond`), which `eqx.nn.BatchNorm` takes whenever the batch mean "
+        "is within 4 batch standard deviations of the running mean; in brackets, the "
+        "count when every conditional takes its costliest branch (the first step, "
+        "whose running mean is 0, redoes the sums around the batch mean). Equinox "
+        "layers run under `jax.vmap(..., axis_name=...)`; Flax and Haiku on the "
+        "whole sharded batch, where XLA's partitioner inserts the all-reduces.\n"
+    )
+    cells = []
+    for row in rows:
+        cells.append(
+            [row["name"]]
+            + [
+                f"{row[p][0]}" + (f" ({row[p][1]})" if row[p][1] != row[p][0] else "")
+                for p in ("fwd", "fwd+bwd")
+            ]
+        )
+    report.table(["variant", "forward", "forward and backward"], cells)
+    programs = ("fwd", "fwd+bwd")
+    odd = [row["name"] for row in rows if any(row[p][0] != row[p][2] for p in programs)]
+    if odd:
+        report(
+            "Branch 0 is not the cheapest branch of every conditional for: "
+            f"{', '.join(odd)}; the cheapest gives "
+            + "; ".join(f"{r['name']} {r['fwd'][2]} / {r['fwd+bwd'][2]}" for r in rows)
+            + ".\n"
+        )
+    return {row["name"]: row for row in rows}
+
+
+# ------------------------------------------------------------------------ summary
+
+
+def summary_section(report: Report, results: dict, all_reduces: dict, args) -> None:
+    """One row per approach: the headline ratios against the two-pass floor, and each
+    target of issues 18 and 19 that is missed, by how much. `results` maps each layer
+    shape's label to (shape, its ratios)."""
+    short = {label: label.split(" (")[0] for label in results}
+    if len(set(short.values())) < len(short):
+        short = {label: label for label in results}
+    # A target per shape: conv for spatial inputs, dense for (N, C).
+    kind = {
+        label: "conv" if len(shape) > 2 else "dense"
+        for label, (shape, _) in results.items()
+    }
+    dense = [label for label in results if kind[label] == "dense"]
+    report(
+        "## Summary\n\nPaired ratios against the two-pass floor (in brackets: "
+        "against the one-pass floor), training in-jit; − peers: this row's training "
+        "ratio minus the faster of Flax's fast variance and Haiku, both against the "
+        "two-pass floor.\n"
+    )
+    header = ["variant"]
+    for label in results:
+        header += [f"{short[label]} {key}" for key in ("train", "inference", "compile")]
+    header += [f"{short[label]} − peers" for label in dense]
+    header += ["temp bytes (max)", "all-reduces fwd / fwd+bwd"]
+    cells, misses = [], []
+    names = [eqx_name(a) for a in args.approaches]
+    names += [eqx_name(a, True) for a in MASKED if a in args.approaches]
+    names += [FLAX_FAST, FLAX_TWO_PASS, HAIKU, ONE_PASS_FLOOR]
+    for name in names:
+        if not all(name in r["train"] for _, r in results.values()):
+            continue
+        ours = name.startswith("eqx")
+        row = [name]
+        for label, (_, r) in results.items():
+            for key in ("train", "inference", "compile"):
+                two, one = (r[key][name][f] for f in FLOORS)
+                row.append(f"{two:.3f} ({one:.3f})")
+                target = TARGETS[kind[label] if key == "train" else key]
+                if ours and two > target:
+                    misses.append(
+                        f"{name}: {label} {key} {two:.3f}× the two-pass floor, "
+                        f"target ≤ {target} (over by {two - target:.3f})"
+                    )
+        for label in dense:
+            r = results[label][1]["train"]
+            peers = [r[p][TWO_PASS_FLOOR] for p in (FLAX_FAST, HAIKU) if p in r]
+            if not peers:
+                row.append("n/a")
+                continue
+            gap = r[name][TWO_PASS_FLOOR] - min(peers)
+            row.append(f"{gap:+.3f}")
+            if ours and gap > PEER_SLACK:
+                misses.append(
+                    f"{name}: {label} train {gap:+.3f} against the faster of Flax "
+                    f"fast / Haiku, target ≤ +{PEER_SLACK}"
+                )
+        temps = [r["temp bytes"][name][TWO_PASS_FLOOR] for _, r in results.values()]
+        row.append(f"{max(temps):.3f}")
+        counts = all_reduces.get(name)
+        row.append(f"{counts['fwd'][0]} / {counts['fwd+bwd'][0]}" if counts else "n/a")
+        cells.append(row)
+    report.table(header, cells)
+    for approach in MASKED:
+        for label, (_, r) in results.items():
+            for key, ratio in r["masked"].get(approach, {}).items():
+                if key not in ("compile", "temp bytes") and ratio > MASK_TARGET:
+                    misses.append(
+                        f"{eqx_name(approach, True)}: {label} {key} {ratio:.3f}× "
+                        f"unmasked, target ≤ {MASK_TARGET}"
+                    )
+    for name in (eqx_name(a) for a in args.approaches):
+        if name in all_reduces and all_reduces[name]["fwd"][0] > 4:
+            misses.append(
+                f"{name}: {all_reduces[name]['fwd'][0]} all-reduces in the forward, "
+                "target 4 (one per layer and the loss)"
+            )
+    if args.quick:
+        misses = ["not checked in a --quick run"]
+    report(
+        "Targets (equinox issues 18 and 19): train in-jit ≤ "
+        f"{TARGETS['conv']}× (conv) and ≤ {TARGETS['dense']}× (dense) the two-pass "
+        f"floor, dense within {PEER_SLACK} of the faster of Flax fast / Haiku, "
+        f"inference in-jit ≤ {TARGETS['inference']}×, compile ≤ "
+        f"{TARGETS['compile']}×, masked ≤ {MASK_TARGET}× unmasked (run "
+        "time, in-jit and per call), 4 all-reduces in the forward. Missed in this run:"
+        + ("".join(f"\n- {m}" for m in misses) if misses else " none.")
+        + "\n"
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser.add_argument("--quick", action="store_true", help="smoke run")
+    parser.add_argument("--equinox-only", action="store_true")
+    parser.add_argument(
+        "--approaches",
+        nargs="+",
+        choices=APPROACHES,
+        help="default: all; --quick: batch",
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile-rounds", type=int, default=5)
+    parser.add_argument("--loop-steps", type=int, default=10)
+    parser.add_argument("--resnet-width", type=int, default=RESNET_STEP.width)
+    parser.add_argument("--resnet-batch", type=int, default=RESNET_STEP.batch)
+    parser.add_argument("--out", type=str, help="also write the markdown here")
+    parser.add_argument(
+        "--all-reduce-probe", action="store_true", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--probe-shape", type=int, nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.all_reduce_probe:
+        shape = tuple(args.probe_shape)
+        print(
+            json.dumps(all_reduce_probe(args.approaches, not args.equinox_only, shape))
+        )
+        return
+    shapes = LAYER_SHAPES
+    resnet = ResNetStep(args.resnet_width, args.resnet_batch, RESNET_STEP.image)
+    if args.quick:  # every code path, on tiny shapes, for one approach
+        args.rounds, args.repeats, args.compile_rounds, args.loop_steps = 2, 1, 1, 2
+        shapes, resnet = QUICK_LAYER_SHAPES, QUICK_RESNET_STEP
+        args.approaches = args.approaches or ["batch"]
+    args.approaches = args.approaches or list(APPROACHES)
+    start = time.perf_counter()
+    report = Report()
+    malloc = os.environ.get("MALLOC_MMAP_MAX_")
+    report(
+        f"# BatchNorm speed\n\n{jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__}, equinox {eqx.__version__}"
+        + ("" if has_approach() else " (a BatchNorm without `approach=`: stock)")
+        + ", "
+        f"float32. {args.rounds} interleaved rounds; medians of paired ratios. "
+        "Allocator: "
+        + (f"MALLOC_MMAP_MAX_={malloc}" if malloc is not None else "glibc default")
+        + ".\n"
+    )
+    all_reduces = all_reduce_section(report, args)
+    results = {}
+    for label, shape in shapes.items():
+        results[label] = (shape, layer_section(report, label, shape, args))
+    resnet_section(report, resnet, args)
+    summary = Report()
+    summary_section(summary, results, all_reduces, args)
+    # In the file, the summary comes first.
+    report.parts[1:1] = summary.parts
+    report(f"Total time: {time.perf_counter() - start:.0f} s.")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(report.parts).rstrip() + "\n")
 
 
 if __name__ == "__main__":
