@@ -14,7 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import example, given, HealthCheck, settings, strategies as st
 
 from .batch_norm_reference import (
     APPROACHES,
@@ -481,6 +481,7 @@ def test_padding_values_even_nan_change_nothing(approach, batch, garbage):
     assert eqx.tree_equal(dirty, clean)
 
 
+@example(offset=0.0, distance=1e5, sign=-1.0, log_std=0.0, seed=213537)
 @given(
     offset=st.sampled_from((0.0, 1.0, 1e2, 1e3, 1e4, 1e5)),
     distance=st.sampled_from((0.0, 1.0, 3.0, 10.0, 1e2, 1e4, 1e5)),

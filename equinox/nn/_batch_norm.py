@@ -185,15 +185,17 @@ def _batch_moments(
     moments = _sums(x, valid, axis_name, shift)
     distance = (moments.mean - shift) * jnp.conj(moments.mean - shift)
     far = jnp.any(distance.real > _MAX_SHIFT**2 * moments.var.real)
-    # The redone sums give the values; the gradient is the first pass's, which has the
-    # same derivative and keeps the `lax.cond` out of the backward pass.
+    # The redone sums give the values (exactly: `m - stop_gradient(m)` is 0); the
+    # gradient is the first pass's, which has the same derivative and keeps the
+    # `lax.cond` out of the backward pass.
     exact = lax.cond(
         far,
-        lambda: _sums(x, valid, axis_name, moments.mean)[1:],
-        lambda: moments[1:],
+        lambda: _sums(x, valid, axis_name, lax.stop_gradient(moments.mean))[1:],
+        lambda: lax.stop_gradient(moments[1:]),
     )
     mean, var = (
-        m + lax.stop_gradient(e - m) for m, e in zip(moments[1:], exact, strict=True)
+        lax.stop_gradient(e) + (m - lax.stop_gradient(m))
+        for m, e in zip(moments[1:], exact, strict=True)
     )
     return _Moments(moments.n, mean, var)
 
