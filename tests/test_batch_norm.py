@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .batch_norm_reference import (
@@ -558,6 +559,43 @@ def test_bad_masks_are_refused_at_trace_time():
     for mask in (jnp.ones((4, 5), jnp.int32), jnp.ones((4, 2), bool)):
         with pytest.raises((ValueError, TypeError), match="mask"):
             jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
+
+
+def full_size_selects(fn, *args) -> int:
+    """The `select_n`s in `fn`'s jaxpr, sub-jaxprs included, whose output has the
+    shape of the first argument."""
+    shape = jnp.shape(args[0])
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "select_n":
+                total += eqn.outvars[0].aval.shape == shape
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple) else (param,):
+                    if isinstance(sub, ClosedJaxpr):
+                        total += count(sub.jaxpr)
+                    elif isinstance(sub, Jaxpr):
+                        total += count(sub)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
+def test_without_a_mask_no_value_is_selected(approach):
+    """`mask=None` adds no masking to the computation: training and inference, forward
+    and backward, select no full-size values (and with a mask, they do)."""
+    layer, state = make(approach)
+    x, mask = jnp.ones((4, 3, 5)), jnp.ones((4, 5), bool)
+
+    def loss(x, mask, inference):
+        return jnp.sum(run(layer, x, state, inference, mask=mask)[0])
+
+    for inference in (False, True):
+        step = jax.value_and_grad(loss)
+        assert full_size_selects(lambda x: step(x, None, inference), x) == 0
+        assert full_size_selects(lambda x: step(x, mask, inference), x) > 0
 
 
 # `eqx.nn.recompute_batch_norm_statistics`.
