@@ -33,7 +33,7 @@ from .batch_norm_reference import (
 )
 
 
-for name, examples in (("quick", 12), ("thorough", 100)):
+for name, examples in (("quick", 12), ("thorough", 50)):
     settings.register_profile(
         name,
         max_examples=examples,
