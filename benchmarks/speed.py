@@ -42,6 +42,7 @@ branch.
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -155,9 +156,12 @@ def block(tree):
     jax.block_until_ready(eqx.filter(tree, eqx.is_array))
 
 
-def time_call(fn: Callable, args, repeats: int) -> float:
+def time_call(fn: Callable, args, repeats: int, min_time: float = 0.0) -> float:
+    """Mean time of `repeats` calls, or of as many as last `min_time` seconds."""
+    start = time.perf_counter()
     out = fn(*args)
     block(out)
+    repeats = max(repeats, math.ceil(min_time / (time.perf_counter() - start)))
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn(*args)
@@ -170,13 +174,15 @@ def rotations(names, rounds):
         yield names[r % len(names) :] + names[: r % len(names)]
 
 
-def interleaved(programs: dict[str, tuple], rounds: int, repeats: int, scale=1.0):
+def interleaved(
+    programs: dict[str, tuple], rounds: int, repeats: int, scale=1.0, min_time=0.0
+):
     """Times every program in `rounds` rotated rounds. Returns per-name lists."""
     times = {name: [] for name in programs}
     for order in rotations(list(programs), rounds):
         for name in order:
             fn, args = programs[name]
-            times[name].append(time_call(fn, args, repeats) * scale)
+            times[name].append(time_call(fn, args, repeats, min_time) * scale)
     return times
 
 
@@ -239,7 +245,7 @@ def layer_section(report: Report, label: str, shape, args) -> dict:
             for name, layer in rows.items()
         }
         scale = 1 if "one call" in key else 1 / k
-        times[key] = interleaved(timed, rounds, repeats, scale)
+        times[key] = interleaved(timed, rounds, repeats, scale, args.min_time)
     titles = {
         "train": f"training step (fwd+bwd), in-jit ({k} steps per call)",
         "train (one call)": "training step (fwd+bwd), one jitted call per step",
@@ -699,7 +705,13 @@ def main(argv=None) -> None:
         help="default: all; --quick: batch",
     )
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="at least")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.05,
+        help="seconds each timing lasts at least (more repeats for small shapes)",
+    )
     parser.add_argument("--compile-rounds", type=int, default=5)
     parser.add_argument("--loop-steps", type=int, default=10)
     parser.add_argument("--resnet-width", type=int, default=RESNET_STEP.width)
@@ -720,6 +732,7 @@ def main(argv=None) -> None:
     resnet = ResNetStep(args.resnet_width, args.resnet_batch, RESNET_STEP.image)
     if args.quick:  # every code path, on tiny shapes, for one approach
         args.rounds, args.repeats, args.compile_rounds, args.loop_steps = 2, 1, 1, 2
+        args.min_time = 0.0
         shapes, resnet = QUICK_LAYER_SHAPES, QUICK_RESNET_STEP
         args.approaches = args.approaches or ["batch"]
     args.approaches = args.approaches or list(APPROACHES)
@@ -732,7 +745,9 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPUs, jax {jax.__version__}, equinox {eqx.__version__}"
         + ("" if has_approach() else " (a BatchNorm without `approach=`: stock)")
         + ", "
-        f"float32. {args.rounds} interleaved rounds; medians of paired ratios. "
+        f"float32. {args.rounds} interleaved rounds, each timing at least "
+        f"{max(args.repeats, 1)} calls and {args.min_time} s; "
+        "medians of paired ratios. "
         "Allocator: "
         + (f"MALLOC_MMAP_MAX_={malloc}" if malloc is not None else "glibc default")
         + ".\n"
