@@ -185,17 +185,15 @@ def _batch_moments(
     moments = _sums(x, valid, axis_name, shift)
     distance = (moments.mean - shift) * jnp.conj(moments.mean - shift)
     far = jnp.any(distance.real > _MAX_SHIFT**2 * moments.var.real)
-    # The redone sums give the values (exactly: `m - stop_gradient(m)` is 0); the
-    # gradient is the first pass's, which has the same derivative and keeps the
-    # `lax.cond` out of the backward pass.
+    # The `lax.cond` sees no derivatives, so autodiff never traces it: the redone sums
+    # give the values (exactly: `m - stop_gradient(m)` is 0), and the gradient is the
+    # first pass's, which has the same derivative whatever the shift.
+    x, first = lax.stop_gradient((x, moments[1:]))
     exact = lax.cond(
-        far,
-        lambda: _sums(x, valid, axis_name, lax.stop_gradient(moments.mean))[1:],
-        lambda: lax.stop_gradient(moments[1:]),
+        far, lambda: _sums(x, valid, axis_name, first[0])[1:], lambda: first
     )
     mean, var = (
-        lax.stop_gradient(e) + (m - lax.stop_gradient(m))
-        for m, e in zip(moments[1:], exact, strict=True)
+        e + (m - lax.stop_gradient(m)) for m, e in zip(moments[1:], exact, strict=True)
     )
     return _Moments(moments.n, mean, var)
 
