@@ -11,7 +11,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, Inexact, Int, PRNGKeyArray, PyTree
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    Float,
+    Inexact,
+    Int,
+    PRNGKeyArray,
+    PyTree,
+    Shaped,
+)
 
 from .._jit import filter_jit
 from .._misc import default_floating_dtype
@@ -421,18 +431,18 @@ class BatchNorm(StatefulLayer):
     axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = field(static=True)
+    approach: Approach = field(static=True)
+    mode: Literal["ema", "batch"] | None = field(static=True)
+    momentum: float = field(static=True)
     eps: float = field(static=True)
     channelwise_affine: bool = field(static=True)
-    momentum: float = field(static=True)
-    mode: Literal["ema", "batch"] | None = field(static=True)
-    approach: Approach = field(static=True)
     r_max: float | None = field(static=True)
     d_max: float | None = field(static=True)
     warmup: int | None = field(static=True)
 
     def __init__(
         self,
-        input_size: int,
+        input_size: SupportsIndex,
         axis_name: Hashable | Sequence[Hashable],
         eps: float = 1e-5,
         channelwise_affine: bool = True,
@@ -539,19 +549,17 @@ class BatchNorm(StatefulLayer):
     @named_scope("eqx.nn.BatchNorm")
     def __call__(
         self,
-        x: Array,
+        x: Shaped[Array, " channels *spatial"],
         state: State,
         *,
-        key: PRNGKeyArray | None = None,
         inference: bool | None = None,
         mask: Bool[ArrayLike, "..."] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Array, State]:
         """**Arguments:**
 
         - `x`: One example, of shape `(input_size, *spatial)`.
         - `state`: The [`equinox.nn.State`][] holding the running averages.
-        - `key`: Ignored; accepted for compatibility with the rest of the Equinox API.
-            (Keyword only argument.)
         - `inference`: `True` or `False` overrides `self.inference` for this call.
             (Keyword only argument.)
         - `mask`: Which values of this example are real data, for padded batches: a
@@ -560,6 +568,8 @@ class BatchNorm(StatefulLayer):
             by count across every named axis and device; masked values, even NaN,
             affect nothing. A training step with no valid value (for `approach=`: with
             fewer than two) leaves the state unchanged. (Keyword only argument.)
+        - `key`: Ignored; accepted for compatibility with the rest of the Equinox API.
+            (Keyword only argument.)
 
         **Returns:**
 
