@@ -2,8 +2,8 @@
 semantics coincide: property tests, as in `test_batch_norm_properties.py`, whose
 example strategies they share.
 
-This file is this repository's own: upstream's test environment has neither library,
-so `scripts/export-to-upstream` does not copy it.
+Upstream's test environment has neither library, so the pull request leaves this file
+out (`NOT_COPIED` in `scripts/export-to-upstream`).
 """
 
 import jax
