@@ -496,11 +496,11 @@ class BatchNorm(StatefulLayer):
         $(0, 1)$ in float32, a negative `eps`, or an option the approach does not take.
         """
         approach, self.mode = _resolve_approach(approach, mode)
-        input_size = _number("input_size", input_size, integer=True)
-        if input_size < 1:
+        self.input_size = _number("input_size", input_size, integer=True)
+        if self.input_size < 1:
             raise ValueError(
                 f"`BatchNorm(input_size=...)` is the number of channels, at least 1, "
-                f"but got {input_size}."
+                f"but got {self.input_size}."
             )
         legacy = self.mode is not None or approach == "ema"
         self.momentum = _number(
@@ -525,9 +525,9 @@ class BatchNorm(StatefulLayer):
                 state_dtype = jnp.promote_types(dtype, jnp.float32)
         else:
             state_dtype = dtype
-        self.weight = jnp.ones(input_size, dtype) if channelwise_affine else None
-        self.bias = jnp.zeros(input_size, dtype) if channelwise_affine else None
-        mean, var = _initial(jnp.zeros(input_size, state_dtype))
+        self.weight = jnp.ones(self.input_size, dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(self.input_size, dtype) if channelwise_affine else None
+        mean, var = _initial(jnp.zeros(self.input_size, state_dtype))
         if approach == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
             self.ema_state_index = StateIndex((mean, var))
@@ -538,7 +538,6 @@ class BatchNorm(StatefulLayer):
             self.batch_state_index = StateIndex((mean, var))
         self.axis_name = axis_name
         self.inference = inference
-        self.input_size = input_size
         self.eps = eps
         self.channelwise_affine = channelwise_affine
         self.approach = approach
