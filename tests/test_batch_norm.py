@@ -133,17 +133,26 @@ def test_arguments_of_the_wrong_type_are_refused_naming_the_argument(kwargs):
         )
 
 
-def test_numpy_numbers_are_numbers():
+def test_numpy_numbers_and_0d_arrays_are_numbers():
     layer = eqx.nn.BatchNorm(
-        3,
+        np.array(3),
         "batch",
         eps=np.float64(1e-3),
         momentum=np.float64(0.5),
         approach="batch_renorm",
         warmup=np.int64(5),
     )
-    assert (layer.eps, layer.warmup, layer.momentum) == (1e-3, 5, 0.5)
-    assert type(layer.warmup) is int and type(layer.momentum) is float
+    assert (layer.input_size, layer.eps, layer.warmup, layer.momentum) == (
+        3,
+        1e-3,
+        5,
+        0.5,
+    )
+    assert type(layer.input_size) is int and type(layer.warmup) is int
+    assert type(layer.momentum) is float
+    for bad in (np.array(3.0), np.array([3]), np.array(True)):
+        with pytest.raises(ValueError, match="input_size"):
+            eqx.nn.BatchNorm(bad, "batch", approach="batch")
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
@@ -348,6 +357,23 @@ def test_two_named_axes_equal_one_axis_on_the_flattened_batch(approach):
             lambda a, b: np.allclose(a, b, rtol=1e-6, atol=1e-6), state1, state2
         )
     )
+
+
+@pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
+def test_complex_training_needs_complex_running_averages(approach, getkey):
+    """A complex batch would lose the imaginary part of its mean in real running
+    averages, and Batch Renormalization's clipping is defined for real values: both
+    are refused, in training and in recomputation. Inference is not refused."""
+    x = (normal(0, (8, 3)) + 1j * normal(1, (8, 3))).astype(np.complex64)
+    layer, state = make(approach)
+    with pytest.raises(ValueError, match="complex64"):
+        run(layer, x, state)
+    with pytest.raises(ValueError, match="complex64"):
+        recompute(forward, layer, state, [x])
+    assert run(layer, x, state, inference=True)[0].dtype == jnp.complex64
+    if approach != "batch_renorm":  # with complex running averages, it trains
+        layer, state = make(approach, dtype=jnp.complex64)
+        assert run(layer, x, state)[0].dtype == jnp.complex64
 
 
 def test_complex_inputs_normalise_with_a_real_variance():
@@ -742,5 +768,12 @@ def test_recompute_explains_misuse(getkey):
         recompute(forward, model, state, [])
     with pytest.raises(ValueError, match="two or more valid values"):
         recompute(forward, model, state, [batches[0][:1]])
+    with pytest.raises(ValueError, match="did not call"):
+        recompute(lambda *_: forward(model, state, batches[0]), model, state, batches)
     with pytest.raises(ValueError, match="outside `jax.jit`"):
         eqx.filter_jit(recompute)(forward, model, state, batches)
+    # Traced batches, with the model closed over.
+    with pytest.raises(ValueError, match="outside `jax.jit`"):
+        jax.jit(lambda b: recompute(forward, model, state, b))(batches)
+    with pytest.raises(ValueError, match="same length"):  # 2 batches, 1 mask
+        recompute(forward, model, state, (batches, np.ones((1, 8), bool)))

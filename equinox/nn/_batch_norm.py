@@ -49,7 +49,10 @@ _MAX_SHIFT = 4.0
 
 
 def _number(name: str, value: Any, integer: bool = False) -> Any:
-    """`value` as a Python `int` or `float`; NumPy numbers are numbers too."""
+    """`value` as a Python `int` or `float`; NumPy numbers and 0-d arrays of numbers
+    are numbers too."""
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+        value = value.item()
     if not isinstance(value, bool):
         if integer and isinstance(value, numbers.Integral):
             return operator.index(value)
@@ -157,6 +160,25 @@ class _Normaliser(NamedTuple):
     mean: Array
     scale: Array
     offset: Array | float
+
+
+def _check_complex(x: Array, stored_dtype, approach: Approach) -> None:
+    """Training on complex values needs complex running averages, and an approach
+    whose formulas hold for them."""
+    if not jnp.iscomplexobj(x):
+        return
+    if approach == "batch_renorm":
+        raise ValueError(
+            f"`BatchNorm(approach='batch_renorm')` got a {x.dtype} input in training, "
+            "but clips r and d, which are defined for real values only. Use "
+            "`approach='batch'`."
+        )
+    if not jnp.issubdtype(stored_dtype, jnp.complexfloating):
+        raise ValueError(
+            f"`BatchNorm` got a {x.dtype} input in training, but stores its running "
+            f"averages in {stored_dtype}, which would lose the imaginary part of the "
+            f"mean. Pass `dtype=jnp.{x.dtype}` to `BatchNorm`."
+        )
 
 
 def _per_channel(values: Array, like: Array) -> Array:
@@ -581,8 +603,9 @@ class BatchNorm(StatefulLayer):
         **Raises:**
 
         A `ValueError` if `x.shape[0] != input_size`, if `mask` is not a boolean of a
-        broadcastable shape, or (for `approach=`) if a training batch has one value per
-        channel, whose variance is undefined. A `NameError` if the call is not inside a
+        broadcastable shape, if (for `approach=`) a training batch has one value per
+        channel, whose variance is undefined, or if a complex training input meets real
+        running averages or `"batch_renorm"`. A `NameError` if the call is not inside a
         transformation that names `axis_name`.
         """
         del key
@@ -600,6 +623,7 @@ class BatchNorm(StatefulLayer):
                         "with one value per channel, whose variance is undefined. Use "
                         "a batch of at least 2, or `inference=True`."
                     )
+            _check_complex(y, state.get(self._indices()[1])[0].dtype, self.approach)
             finite = jnp.isfinite(running.mean)
             shift = lax.stop_gradient(jnp.where(finite, running.mean, 0))
             batch = _batch_moments(y, valid, self.axis_name, shift)
@@ -769,9 +793,10 @@ class _Recorder(StatefulLayer):
             )
         layer = self.layer
         y, valid = layer._prepare(x, mask)
+        old = state.get(self.totals)
+        _check_complex(y, old.mean.dtype, layer.approach)
         first = _sums(y, valid, layer.axis_name, jnp.zeros(y.shape[0], y.dtype))
         batch = _sums(y, valid, layer.axis_name, lax.stop_gradient(first.mean))
-        old = state.get(self.totals)
         count = jnp.asarray(batch.n, old.n.dtype)
         total = old.n + count
         unbiased = layer.approach in ("batch", "batch_renorm")
@@ -795,10 +820,11 @@ def _batches(batches: Any) -> Iterable:
         return batches
     leaves = jtu.tree_leaves(batches)
     if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
-        if any(x.ndim == 0 for x in leaves):
+        if len({x.shape[:1] for x in leaves}) != 1 or leaves[0].ndim == 0:
             raise ValueError(
-                "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: an array of "
-                "batches needs a leading axis that indexes the batches."
+                "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: stacked "
+                "batches need a leading axis that indexes the batches, of the same "
+                f"length in every array, but got shapes {[x.shape for x in leaves]}."
             )
         return (jtu.tree_map(lambda x: x[i], batches) for i in range(len(leaves[0])))
     if isinstance(batches, Iterable):
@@ -822,15 +848,18 @@ def _recompute_step(forward, recording, totals, batch):
     recording = tree_at(
         lambda tree: [x.totals.init for x in _recorders(tree)], recording, totals
     )
+    message = (
+        "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the `model` "
+        "and `state` it was given. `forward(model, state, batch)` must call them."
+    )
     try:
         _, new_state = forward(recording, State(recording), batch)
     except KeyError as error:  # `State.get` of a layer outside `recording`
-        raise ValueError(
-            "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the "
-            f"`model` it was given: it read the state of another layer ({error}). "
-            "`forward(model, state, batch)` must call the `model` it is given."
-        ) from error
-    return [new_state.get(x.totals) for x in _recorders(recording)]
+        raise ValueError(f"{message} It read the state of another layer.") from error
+    totals = [new_state.get(x.totals) for x in _recorders(recording)]
+    if not all(isinstance(t, _Totals) for t in totals):  # the state of the original
+        raise ValueError(message)
+    return totals
 
 
 def recompute_batch_norm_statistics(
@@ -885,14 +914,19 @@ def recompute_batch_norm_statistics(
     **Raises:**
 
     A `ValueError` if `model` has no `BatchNorm`, `forward` does not call one or calls
-    it in inference mode, no batch has two valid values, or this function is called
-    inside `jax.jit` (it compiles each batch itself).
+    it in inference mode, stacked `batches` differ in length, no batch has two valid
+    values, or this function is called inside `jax.jit` (it compiles each batch
+    itself).
     """
     is_layer = lambda x: isinstance(x, BatchNorm)
     name = "`eqx.nn.recompute_batch_norm_statistics`"
-    leaves = jtu.tree_leaves((model, state))
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # pyright: ignore
-        raise ValueError(f"Call {name} outside `jax.jit`: it compiles each batch.")
+
+    def outside_jit(tree):
+        leaves = jtu.tree_leaves(tree)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # pyright: ignore
+            raise ValueError(f"Call {name} outside `jax.jit`: it compiles each batch.")
+
+    outside_jit((model, state))
     # By the marker of their running averages, which the recorder's totals reuse.
     layers: dict[Any, BatchNorm] = {}
     recorders: dict[Any, _Recorder] = {}
@@ -930,6 +964,7 @@ def recompute_batch_norm_statistics(
     ordered = _recorders(recording)
     totals = [cast(_Totals, x.totals.init) for x in ordered]
     for batch in _batches(batches):
+        outside_jit(batch)
         totals = _recompute_step(forward, recording, totals, batch)
     state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
     for recorder, total in zip(ordered, totals):
