@@ -153,6 +153,8 @@ def test_numpy_numbers_and_0d_arrays_are_numbers():
     for bad in (np.array(3.0), np.array([3]), np.array(True)):
         with pytest.raises(ValueError, match="input_size"):
             eqx.nn.BatchNorm(bad, "batch", approach="batch")
+    with pytest.raises(ValueError, match="input_size"):  # a traced value is not static
+        jax.jit(lambda n: eqx.nn.BatchNorm(n, "batch", approach="batch").weight)(3)
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
@@ -360,7 +362,7 @@ def test_two_named_axes_equal_one_axis_on_the_flattened_batch(approach):
 
 
 @pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
-def test_complex_training_needs_complex_running_averages(approach, getkey):
+def test_complex_training_needs_complex_running_averages(approach):
     """A complex batch would lose the imaginary part of its mean in real running
     averages, and Batch Renormalization's clipping is defined for real values: both
     are refused, in training and in recomputation. Inference is not refused."""
@@ -371,8 +373,11 @@ def test_complex_training_needs_complex_running_averages(approach, getkey):
     with pytest.raises(ValueError, match="complex64"):
         recompute(forward, layer, state, [x])
     assert run(layer, x, state, inference=True)[0].dtype == jnp.complex64
-    if approach != "batch_renorm":  # with complex running averages, it trains
-        layer, state = make(approach, dtype=jnp.complex64)
+    layer, state = make(approach, dtype=jnp.complex64)
+    if approach == "batch_renorm":
+        with pytest.raises(ValueError, match="batch_renorm"):
+            run(layer, x, state)
+    else:  # with complex running averages, it trains
         assert run(layer, x, state)[0].dtype == jnp.complex64
 
 
@@ -770,6 +775,8 @@ def test_recompute_explains_misuse(getkey):
         recompute(forward, model, state, [batches[0][:1]])
     with pytest.raises(ValueError, match="did not call"):
         recompute(lambda *_: forward(model, state, batches[0]), model, state, batches)
+    with pytest.raises(ValueError, match="did not call"):  # the model, not the state
+        recompute(lambda m, _, x: forward(m, state, x), model, state, batches)
     with pytest.raises(ValueError, match="outside `jax.jit`"):
         eqx.filter_jit(recompute)(forward, model, state, batches)
     # Traced batches, with the model closed over.

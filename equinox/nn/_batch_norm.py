@@ -51,7 +51,8 @@ _MAX_SHIFT = 4.0
 def _number(name: str, value: Any, integer: bool = False) -> Any:
     """`value` as a Python `int` or `float`; NumPy numbers and 0-d arrays of numbers
     are numbers too."""
-    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+    concrete = not isinstance(value, jax.core.Tracer)  # pyright: ignore
+    if isinstance(value, (np.ndarray, jax.Array)) and concrete and value.shape == ():
         value = value.item()
     if not isinstance(value, bool):
         if integer and isinstance(value, numbers.Integral):
@@ -167,17 +168,18 @@ def _check_complex(x: Array, stored_dtype, approach: Approach) -> None:
     whose formulas hold for them."""
     if not jnp.iscomplexobj(x):
         return
+    complex_dtype = jnp.promote_types(stored_dtype, x.dtype)
     if approach == "batch_renorm":
         raise ValueError(
-            f"`BatchNorm(approach='batch_renorm')` got a {x.dtype} input in training, "
+            f"`BatchNorm(approach='batch_renorm')` got a {x.dtype} training input, "
             "but clips r and d, which are defined for real values only. Use "
-            "`approach='batch'`."
+            f"`approach='batch'` with `dtype=jnp.{complex_dtype}`."
         )
     if not jnp.issubdtype(stored_dtype, jnp.complexfloating):
         raise ValueError(
-            f"`BatchNorm` got a {x.dtype} input in training, but stores its running "
+            f"`BatchNorm` got a {x.dtype} training input, but stores its running "
             f"averages in {stored_dtype}, which would lose the imaginary part of the "
-            f"mean. Pass `dtype=jnp.{x.dtype}` to `BatchNorm`."
+            f"mean. Pass `dtype=jnp.{complex_dtype}` to `BatchNorm`."
         )
 
 
@@ -757,6 +759,12 @@ class BatchNorm(StatefulLayer):
 # Recomputing the inference statistics.
 
 
+_NOT_CALLED = (
+    "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the `model` and "
+    "`state` it was given. `forward(model, state, batch)` must call them."
+)
+
+
 class _Totals(NamedTuple):
     """What one `BatchNorm` has seen while recomputing, summed over its calls."""
 
@@ -794,6 +802,8 @@ class _Recorder(StatefulLayer):
         layer = self.layer
         y, valid = layer._prepare(x, mask)
         old = state.get(self.totals)
+        if not isinstance(old, _Totals):  # the original state, not the one given
+            raise ValueError(_NOT_CALLED)
         _check_complex(y, old.mean.dtype, layer.approach)
         first = _sums(y, valid, layer.axis_name, jnp.zeros(y.shape[0], y.dtype))
         batch = _sums(y, valid, layer.axis_name, lax.stop_gradient(first.mean))
@@ -824,7 +834,8 @@ def _batches(batches: Any) -> Iterable:
             raise ValueError(
                 "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: stacked "
                 "batches need a leading axis that indexes the batches, of the same "
-                f"length in every array, but got shapes {[x.shape for x in leaves]}."
+                f"length in every array, but got shapes {[x.shape for x in leaves]}. "
+                "Pass batches of different sizes as a list or an iterator."
             )
         return (jtu.tree_map(lambda x: x[i], batches) for i in range(len(leaves[0])))
     if isinstance(batches, Iterable):
@@ -848,17 +859,15 @@ def _recompute_step(forward, recording, totals, batch):
     recording = tree_at(
         lambda tree: [x.totals.init for x in _recorders(tree)], recording, totals
     )
-    message = (
-        "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the `model` "
-        "and `state` it was given. `forward(model, state, batch)` must call them."
-    )
     try:
         _, new_state = forward(recording, State(recording), batch)
+        totals = [new_state.get(x.totals) for x in _recorders(recording)]
     except KeyError as error:  # `State.get` of a layer outside `recording`
-        raise ValueError(f"{message} It read the state of another layer.") from error
-    totals = [new_state.get(x.totals) for x in _recorders(recording)]
-    if not all(isinstance(t, _Totals) for t in totals):  # the state of the original
-        raise ValueError(message)
+        raise ValueError(
+            f"{_NOT_CALLED} It read the state of another layer."
+        ) from error
+    if not all(isinstance(t, _Totals) for t in totals):  # the original's state
+        raise ValueError(_NOT_CALLED)
     return totals
 
 
@@ -915,8 +924,8 @@ def recompute_batch_norm_statistics(
 
     A `ValueError` if `model` has no `BatchNorm`, `forward` does not call one or calls
     it in inference mode, stacked `batches` differ in length, no batch has two valid
-    values, or this function is called inside `jax.jit` (it compiles each batch
-    itself).
+    values, a batch is complex and the running averages are real, or this function is
+    called inside `jax.jit` (it compiles each batch itself).
     """
     is_layer = lambda x: isinstance(x, BatchNorm)
     name = "`eqx.nn.recompute_batch_norm_statistics`"
@@ -924,7 +933,10 @@ def recompute_batch_norm_statistics(
     def outside_jit(tree):
         leaves = jtu.tree_leaves(tree)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # pyright: ignore
-            raise ValueError(f"Call {name} outside `jax.jit`: it compiles each batch.")
+            raise ValueError(
+                f"Call {name} outside `jax.jit` and other transformations: it "
+                "compiles each batch."
+            )
 
     outside_jit((model, state))
     # By the marker of their running averages, which the recorder's totals reuse.
