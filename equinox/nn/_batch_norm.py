@@ -759,12 +759,6 @@ class BatchNorm(StatefulLayer):
 # Recomputing the inference statistics.
 
 
-_NOT_CALLED = (
-    "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the `model` and "
-    "`state` it was given. `forward(model, state, batch)` must call them."
-)
-
-
 class _Totals(NamedTuple):
     """What one `BatchNorm` has seen while recomputing, summed over its calls."""
 
@@ -802,8 +796,6 @@ class _Recorder(StatefulLayer):
         layer = self.layer
         y, valid = layer._prepare(x, mask)
         old = state.get(self.totals)
-        if not isinstance(old, _Totals):  # the original state, not the one given
-            raise ValueError(_NOT_CALLED)
         _check_complex(y, old.mean.dtype, layer.approach)
         first = _sums(y, valid, layer.axis_name, jnp.zeros(y.shape[0], y.dtype))
         batch = _sums(y, valid, layer.axis_name, lax.stop_gradient(first.mean))
@@ -861,14 +853,13 @@ def _recompute_step(forward, recording, totals, batch):
     )
     try:
         _, new_state = forward(recording, State(recording), batch)
-        totals = [new_state.get(x.totals) for x in _recorders(recording)]
+        return [new_state.get(x.totals) for x in _recorders(recording)]
     except KeyError as error:  # `State.get` of a layer outside `recording`
         raise ValueError(
-            f"{_NOT_CALLED} It read the state of another layer."
+            "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the "
+            "`model` and `state` it was given: it read the state of another layer "
+            f"({error}). `forward(model, state, batch)` must call them."
         ) from error
-    if not all(isinstance(t, _Totals) for t in totals):  # the original's state
-        raise ValueError(_NOT_CALLED)
-    return totals
 
 
 def recompute_batch_norm_statistics(
@@ -939,9 +930,11 @@ def recompute_batch_norm_statistics(
             )
 
     outside_jit((model, state))
-    # By the marker of their running averages, which the recorder's totals reuse.
-    layers: dict[Any, BatchNorm] = {}
+    # One recorder per layer, by the marker of its running averages (a layer may
+    # appear twice). Its totals have a marker of their own, so that reading the
+    # original state instead of the one `forward` is given is a `KeyError`.
     recorders: dict[Any, _Recorder] = {}
+    layers: dict[Any, BatchNorm] = {}  # by the marker of the recorder's totals
 
     def restore(index: StateIndex, value) -> StateIndex:
         return tree_at(lambda i: i.init, index, value)
@@ -962,8 +955,8 @@ def recompute_batch_norm_statistics(
             zeros = jnp.zeros(leaf.input_size, dtype)
             totals = _Totals(jnp.array(0), zeros[0].real, zeros[0].real, zeros, zeros)
             without_state = tree_at(lambda b: b._indices(), leaf, (None, None))
-            layers[marker] = leaf
-            recorders[marker] = _Recorder(without_state, restore(stats_index, totals))
+            recorders[marker] = _Recorder(without_state, StateIndex(totals))
+            layers[recorders[marker].totals.marker] = leaf
         return recorders[marker]
 
     recording = jtu.tree_map(
