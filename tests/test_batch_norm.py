@@ -340,7 +340,8 @@ def test_works_in_sequential_with_jit_grad_and_inference_mode(getkey):
 
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_two_named_axes_equal_one_axis_on_the_flattened_batch(approach):
-    layer2, state = make(approach, axis_name=("outer", "inner"))
+    # A list of names (upstream's `test_batch_norm` passes a tuple).
+    layer2, state = make(approach, axis_name=["outer", "inner"])
     layer1 = eqx.tree_at(lambda m: m.axis_name, layer2, "batch")
     nested = jax.vmap(
         lambda x, s: run(layer2, x, s, axis_name="inner"),
@@ -359,6 +360,28 @@ def test_two_named_axes_equal_one_axis_on_the_flattened_batch(approach):
             lambda a, b: np.allclose(a, b, rtol=1e-6, atol=1e-6), state1, state2
         )
     )
+
+
+@pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))
+def test_eager_training_steps_compile_once(approach):
+    """Called without `jit`, a training step compiles its operations on the first call
+    only: later steps of the same shapes reuse them (a `lax.cond` whose branches were
+    new functions on every call compiled again each time, about 80 ms)."""
+    compiled = []
+
+    def listener(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    layer, state = make(approach)
+    _, state = run(layer, normal(0, (8, 3)), state)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for seed in (1, 2):
+            _, state = run(layer, normal(seed, (8, 3), loc=seed), state)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
 
 
 @pytest.mark.parametrize("approach", APPROACHES + ("mode=batch",))

@@ -1,3 +1,4 @@
+import functools as ft
 import math
 import numbers
 import operator
@@ -213,6 +214,21 @@ def _sums(
     return _Moments(n, shift + mean, var.astype(x.dtype))
 
 
+@ft.cache
+def _resum(axis_name: Hashable) -> Callable:
+    """The exact branch of `_batch_moments`: the same function object for each axis
+    name, so that `lax.cond` traces and compiles it once, not on every eager call."""
+
+    def resum(x, valid, first):
+        return _sums(x, valid, axis_name, first[0])[1:]
+
+    return resum
+
+
+def _keep(x, valid, first):
+    return first
+
+
 def _batch_moments(
     x: Array, valid: Array | None, axis_name: Hashable | Sequence[Hashable], shift
 ) -> _Moments:
@@ -223,9 +239,9 @@ def _batch_moments(
     # give the values (exactly: `m - stop_gradient(m)` is 0), and the gradient is the
     # first pass's, which has the same derivative whatever the shift.
     x, first = lax.stop_gradient((x, moments[1:]))
-    exact = lax.cond(
-        far, lambda: _sums(x, valid, axis_name, first[0])[1:], lambda: first
-    )
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    exact = lax.cond(far, _resum(axis_name), _keep, x, valid, first)
     mean, var = (
         e + (m - lax.stop_gradient(m)) for m, e in zip(moments[1:], exact, strict=True)
     )
