@@ -240,7 +240,7 @@ def _batch_moments(
     # first pass's, which has the same derivative whatever the shift.
     x, first = lax.stop_gradient((x, moments[1:]))
     if isinstance(axis_name, list):
-        axis_name = tuple(axis_name)
+        axis_name = tuple(axis_name)  # `_resum` caches on it
     exact = lax.cond(far, _resum(axis_name), _keep, x, valid, first)
     mean, var = (
         e + (m - lax.stop_gradient(m)) for m, e in zip(moments[1:], exact, strict=True)
