@@ -254,7 +254,8 @@ def layer_section(report: Report, label: str, shape, args) -> dict:
     }
     ratios = {key: timing_table(report, titles[key], t) for key, t in times.items()}
 
-    # Compile time: a fresh `jit` per round (so nothing is cached), interleaved.
+    # Compile time: a fresh `jit` per round, so XLA compiles every round; JAX's tracing
+    # caches (of `jnp` functions, of `lax.cond` branches) are warm after the first.
     compile_times = {name: [] for name in rows}
     compiled = {}
     for order in rotations(list(rows), args.compile_rounds):
