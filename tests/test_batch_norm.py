@@ -376,6 +376,9 @@ def test_eager_training_steps_compile_once(approach):
     _, state = run(layer, normal(0, (8, 3)), state)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        jax.jit(lambda v: v + 1)(jnp.zeros(2))  # a new function: it compiles
+        assert compiled, "the listener does not see compilations"
+        compiled.clear()
         for seed in (1, 2):
             _, state = run(layer, normal(seed, (8, 3), loc=seed), state)
     finally:

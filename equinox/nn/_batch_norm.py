@@ -952,15 +952,12 @@ def recompute_batch_norm_statistics(
     recorders: dict[Any, _Recorder] = {}
     layers: dict[Any, BatchNorm] = {}  # by the marker of the recorder's totals
 
-    def restore(index: StateIndex, value) -> StateIndex:
-        return tree_at(lambda i: i.init, index, value)
-
     def swap(leaf):
         # Every other stateful layer gets its current state as its initial one, so
         # that `State` can be built anew; each `BatchNorm` becomes a recorder whose
         # totals take the place of its running averages.
         if isinstance(leaf, StateIndex):
-            return restore(leaf, state.get(leaf))
+            return tree_at(lambda i: i.init, leaf, state.get(leaf))
         if not is_layer(leaf):
             return leaf
         _, stats_index = leaf._indices()
