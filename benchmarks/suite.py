@@ -614,8 +614,12 @@ def main(argv=None) -> None:
         + better_than_recommended(suite.results, records)
     )
     title = f"{len(workloads)} workloads, images: {source}"
+    # The guide's figures sit beside this file, so it names upstream's version (the
+    # local label is this repository's own).
+    upstream_version = eqx.__version__.partition("+")[0]
     header = (
-        f"jax {jax.__version__}, equinox {eqx.__version__}; {title}. Every "
+        f"jax {jax.__version__}, equinox {upstream_version} with "
+        f"`BatchNorm(approach=...)`; {title}. Every "
         'configuration is compared with `approach="batch"` at momentum 0.9 (with its '
         'running averages), paired by seed. "+ recompute": inference statistics '
         f"recomputed from {RECOMPUTE_BATCHES} training batches after training."
