@@ -794,8 +794,23 @@ def test_recompute_explains_misuse(getkey):
     assert eqx.tree_equal(frozen.substate(first), trained.substate(first))
     with pytest.raises(ValueError, match="did not call"):
         recompute(lambda _, s, x: forward(model, s, x), model, state, batches)
-    with pytest.raises(ValueError, match="did not call|no batch"):
+    with pytest.raises(ValueError, match="got no batch"):
         recompute(forward, model, state, [])
+    # Only the first `BatchNorm` is called: the error names the other.
+    first_only = lambda m, s, x: forward(m.layers[0], s, x)
+    with pytest.raises(ValueError, match=r"at `model\.layers\.layers\[3\]`, or"):
+        recompute(first_only, model, state, batches)
+    with pytest.raises(ValueError, match="returned the state it was given"):
+        recompute(lambda m, s, x: (forward(m, s, x)[0], s), model, state, batches)
+    with pytest.raises(
+        ValueError, match="PyTree of arrays only, but it holds a `float`"
+    ):
+        recompute(
+            lambda m, s, b: forward(m, s, b["x"]),
+            model,
+            state,
+            {"x": batches, "t": 1.0},
+        )
     with pytest.raises(ValueError, match="two or more valid values"):
         recompute(forward, model, state, [batches[0][:1]])
     with pytest.raises(ValueError, match="did not call"):

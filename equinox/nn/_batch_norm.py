@@ -837,7 +837,8 @@ def _batches(batches: Any) -> Iterable:
     if isinstance(batches, (list, Iterator)):
         return batches
     leaves = jtu.tree_leaves(batches)
-    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+    arrays = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    if leaves and all(arrays):
         if len({x.shape[:1] for x in leaves}) != 1 or leaves[0].ndim == 0:
             raise ValueError(
                 "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: stacked "
@@ -846,6 +847,14 @@ def _batches(batches: Any) -> Iterable:
                 "Pass batches of different sizes as a list or an iterator."
             )
         return (jtu.tree_map(lambda x: x[i], batches) for i in range(len(leaves[0])))
+    if any(arrays):
+        odd = next(type(x).__name__ for x, a in zip(leaves, arrays) if not a)
+        raise ValueError(
+            "`eqx.nn.recompute_batch_norm_statistics(..., batches)`: stacked batches "
+            f"must be a PyTree of arrays only, but it holds a `{odd}`. Make every leaf "
+            "an array (or close over constants in `forward`), or pass the batches as "
+            "a list or an iterator."
+        )
     if isinstance(batches, Iterable):
         return batches
     raise ValueError(
@@ -873,8 +882,9 @@ def _recompute_step(forward, recording, totals, batch):
     except KeyError as error:  # `State.get` of a layer outside `recording`
         raise ValueError(
             "`eqx.nn.recompute_batch_norm_statistics`: `forward` did not call the "
-            "`model` and `state` it was given: it read the state of another layer "
-            f"({error}). `forward(model, state, batch)` must call them."
+            "`model` it was given with the `state` it was given: it read an entry "
+            "that this state does not hold. `forward(model, state, batch)` must call "
+            "them together."
         ) from error
 
 
@@ -918,9 +928,10 @@ def recompute_batch_norm_statistics(
         their `inference` flag; everything else runs as given, so
         [`equinox.nn.inference_mode`][]`(model)` switches dropout off.
     - `state`: The [`equinox.nn.State`][] of `model`.
-    - `batches`: Either a PyTree of arrays whose leading axis indexes the batches, or a
-        list, iterator or generator of batches (of any sizes, read one at a time: a
-        data loader). Each batch's step is compiled once per shape.
+    - `batches`: Either a PyTree of arrays whose leading axis indexes the batches (a
+        tuple of arrays is such a PyTree), or a list, iterator or generator of batches
+        (of any sizes, read one at a time: a data loader). Each batch's step is
+        compiled once per shape.
 
     **Returns:**
 
@@ -929,10 +940,11 @@ def recompute_batch_norm_statistics(
 
     **Raises:**
 
-    A `ValueError` if `model` has no `BatchNorm`, `forward` does not call one or calls
-    it in inference mode, stacked `batches` differ in length, no batch has two valid
-    values, a batch is complex and the running averages are real, or this function is
-    called inside `jax.jit` (it compiles each batch itself).
+    A `ValueError` if `model` has no `BatchNorm`, `batches` is empty, `forward` does
+    not call every `BatchNorm` of `model` or calls one in inference mode, stacked
+    `batches` differ in length, no batch has two valid values, a batch is complex and
+    the running averages are real, or this function is called inside `jax.jit` (it
+    compiles each batch itself).
     """
     is_layer = lambda x: isinstance(x, BatchNorm)
     name = "`eqx.nn.recompute_batch_norm_statistics`"
@@ -951,8 +963,9 @@ def recompute_batch_norm_statistics(
     # original state instead of the one `forward` is given is a `KeyError`.
     recorders: dict[Any, _Recorder] = {}
     layers: dict[Any, BatchNorm] = {}  # by the marker of the recorder's totals
+    paths: dict[Any, str] = {}  # where in `model`, likewise
 
-    def swap(leaf):
+    def swap(path, leaf):
         # Every other stateful layer gets its current state as its initial one, so
         # that `State` can be built anew; each `BatchNorm` becomes a recorder whose
         # totals take the place of its running averages.
@@ -970,9 +983,10 @@ def recompute_batch_norm_statistics(
             without_state = tree_at(lambda b: b._indices(), leaf, (None, None))
             recorders[marker] = _Recorder(without_state, StateIndex(totals))
             layers[recorders[marker].totals.marker] = leaf
+            paths[recorders[marker].totals.marker] = f"`model{jtu.keystr(path)}`"
         return recorders[marker]
 
-    recording = jtu.tree_map(
+    recording = jtu.tree_map_with_path(
         swap, model, is_leaf=lambda x: is_layer(x) or isinstance(x, StateIndex)
     )
     if not recorders:
@@ -981,17 +995,24 @@ def recompute_batch_norm_statistics(
         )
     ordered = _recorders(recording)
     totals = [cast(_Totals, x.totals.init) for x in ordered]
-    for batch in _batches(batches):
+    given = 0
+    for given, batch in enumerate(_batches(batches), 1):
         outside_jit(batch)
         totals = _recompute_step(forward, recording, totals, batch)
+    if given == 0:
+        raise ValueError(f"{name}(..., batches) got no batch.")
+    uncalled = [
+        paths[x.totals.marker] for x, t in zip(ordered, totals) if int(t.calls) == 0
+    ]
+    if uncalled:
+        raise ValueError(
+            f"{name}: `forward` did not call the `BatchNorm` at {', '.join(uncalled)}, "
+            "or returned the state it was given instead of the new one. Pass as "
+            "`model` only the part of the model that `forward` calls, and return the "
+            "state that its call returns."
+        )
     state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
     for recorder, total in zip(ordered, totals):
-        if int(total.calls) == 0:
-            raise ValueError(
-                f"{name}: `forward` did not call a `BatchNorm` of `model` (or no batch "
-                "was given). `forward(model, state, batch)` must call the `model` it "
-                "is given."
-            )
         if float(total.dof) == 0:
             raise ValueError(
                 f"{name}: no batch had two or more valid values per channel, so the "
