@@ -93,6 +93,7 @@ def test_positional_arguments_keep_0_13_order():
         (dict(approach="batch_renorm", r_max=0.5), ["r_max", "at least 1"]),
         (dict(approach="batch_renorm", d_max=-1.0), ["d_max", "at least 0"]),
         (dict(approach="ema_smooth_start", warmup=-3), ["warmup", "at least 0"]),
+        (dict(approach="batch_renorm", warmup=2**31), ["warmup", "below 2147483648"]),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_fix(kwargs, words):
@@ -615,6 +616,8 @@ def test_bad_masks_are_refused_at_trace_time():
     for mask in (jnp.ones((4, 5), jnp.int32), jnp.ones((4, 2), bool)):
         with pytest.raises((ValueError, TypeError), match="mask"):
             jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
+    with pytest.raises(ValueError, match="without its channel axis"):
+        run(layer, x, state, mask=jnp.ones((4, 3, 5), bool))
 
 
 def full_size_selects(fn, *args) -> int:

@@ -133,11 +133,14 @@ def _resolve_options(approach: Approach, **given: Any) -> dict[str, Any]:
                 f"is {approach!r}. Remove `{name}`, or use {owners}."
             )
         options[name] = _number(name, value, integer=name == "warmup")
-    for name, lower in (("r_max", 1), ("d_max", 0), ("warmup", 0)):
-        if name in options and not lower <= options[name] < math.inf:
+    # `warmup` is compared with the step count, an int32.
+    bounds = (("r_max", 1, math.inf), ("d_max", 0, math.inf), ("warmup", 0, 2**31))
+    for name, lower, upper in bounds:
+        if name in options and not lower <= options[name] < upper:
+            below = "finite" if upper == math.inf else f"below {upper}"
             raise ValueError(
-                f"`BatchNorm({name}=...)` must be finite and at least {lower}, but got "
-                f"{options[name]!r}."
+                f"`BatchNorm({name}=...)` must be {below} and at least {lower}, but "
+                f"got {options[name]!r}."
             )
     return options
 
@@ -672,7 +675,8 @@ class BatchNorm(StatefulLayer):
             if mask.dtype != jnp.bool_ or not ok:
                 raise ValueError(
                     "`BatchNorm(...)(x, state, mask=...)` must be a boolean array "
-                    f"broadcastable to the spatial shape {x.shape[1:]} of one example, "
+                    f"broadcastable to the spatial shape {x.shape[1:]} of one example "
+                    "(without its channel axis), "
                     f"but got dtype {mask.dtype} and shape {mask.shape}."
                 )
             valid = jnp.broadcast_to(mask, x.shape[1:])[None]
