@@ -285,7 +285,9 @@ def layer_section(report: Report, label: str, shape, args) -> dict:
         "inference": f"inference, in-jit ({k} calls per call)",
         "inference (one call)": "inference, one jitted call",
     }
-    ratios = {key: timing_table(report, titles[key], t) for key, t in times.items()}
+    ratios: dict[str, dict] = {
+        key: timing_table(report, titles[key], t) for key, t in times.items()
+    }
     ratios["peer gap"] = peer_gaps(times["train"])
 
     # Compile time: a fresh `jit` per round, so XLA compiles every round; JAX's tracing
