@@ -21,6 +21,7 @@ from .batch_norm_reference import (
     normalise,
     pooled_statistics,
     run,
+    training_output,
     UNBIASED,
 )
 
@@ -101,6 +102,20 @@ def test_bad_arguments_name_the_argument_and_the_fix(kwargs, words):
         eqx.nn.BatchNorm(3, "batch", **kwargs)
     for word in words:
         assert word in str(error.value)
+
+
+@pytest.mark.parametrize("approach", ["batch_renorm", "ema_smooth_start"])
+def test_the_longest_warmup_trains(approach):
+    """`warmup=2**31 - 1`, the most steps the counter can reach, is accepted, and the
+    warm-up starts as it does for any `warmup`."""
+    layer, state = make(approach, warmup=2**31 - 1)
+    batches = [normal(seed, (8, 3)) for seed in range(3)]
+    for k in range(1, len(batches) + 1):
+        out, state = run(layer, batches[k - 1], state)
+        expected = training_output(
+            approach, batches[:k], layer.momentum, 1e-5, warmup=2**31 - 1
+        )
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -617,7 +632,8 @@ def test_bad_masks_are_refused_at_trace_time():
         with pytest.raises((ValueError, TypeError), match="mask"):
             jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
     with pytest.raises(ValueError, match="without its channel axis"):
-        run(layer, x, state, mask=jnp.ones((4, 3, 5), bool))
+        mask = jnp.ones((4, 3, 5), bool)
+        jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
 
 
 def full_size_selects(fn, *args) -> int:
@@ -801,7 +817,9 @@ def test_recompute_explains_misuse(getkey):
         recompute(forward, model, state, [])
     # Only the first `BatchNorm` is called: the error names the other.
     first_only = lambda m, s, x: forward(m.layers[0], s, x)
-    with pytest.raises(ValueError, match=r"at `model\.layers\.layers\[3\]`, or"):
+    with pytest.raises(
+        ValueError, match=r"`BatchNorm` at `model\.layers\.layers\[3\]`, or"
+    ):
         recompute(first_only, model, state, batches)
     with pytest.raises(ValueError, match="returned the state it was given"):
         recompute(lambda m, s, x: (forward(m, s, x)[0], s), model, state, batches)

@@ -133,7 +133,7 @@ def _resolve_options(approach: Approach, **given: Any) -> dict[str, Any]:
                 f"is {approach!r}. Remove `{name}`, or use {owners}."
             )
         options[name] = _number(name, value, integer=name == "warmup")
-    # `warmup` is compared with the step count, an int32.
+    # `warmup` divides the step count, an int32, which could never reach a larger one.
     bounds = (("r_max", 1, math.inf), ("d_max", 0, math.inf), ("warmup", 0, 2**31))
     for name, lower, upper in bounds:
         if name in options and not lower <= options[name] < upper:
@@ -675,9 +675,9 @@ class BatchNorm(StatefulLayer):
             if mask.dtype != jnp.bool_ or not ok:
                 raise ValueError(
                     "`BatchNorm(...)(x, state, mask=...)` must be a boolean array "
-                    f"broadcastable to the spatial shape {x.shape[1:]} of one example "
-                    "(without its channel axis), "
-                    f"but got dtype {mask.dtype} and shape {mask.shape}."
+                    f"broadcastable to {x.shape[1:]}, the shape of one example without "
+                    f"its channel axis, but got dtype {mask.dtype} and shape "
+                    f"{mask.shape}."
                 )
             valid = jnp.broadcast_to(mask, x.shape[1:])[None]
             # Masked values, which may be NaN, must not reach even a discarded branch
@@ -946,9 +946,9 @@ def recompute_batch_norm_statistics(
 
     A `ValueError` if `model` has no `BatchNorm`, `batches` is empty, `forward` does
     not call every `BatchNorm` of `model` or calls one in inference mode, stacked
-    `batches` differ in length, no batch has two valid values, a batch is complex and
-    the running averages are real, or this function is called inside `jax.jit` (it
-    compiles each batch itself).
+    `batches` differ in length or hold a leaf that is not an array, no batch has two
+    valid values, a batch is complex and the running averages are real, or this
+    function is called inside `jax.jit` (it compiles each batch itself).
     """
     is_layer = lambda x: isinstance(x, BatchNorm)
     name = "`eqx.nn.recompute_batch_norm_statistics`"
@@ -966,8 +966,8 @@ def recompute_batch_norm_statistics(
     # appear twice). Its totals have a marker of their own, so that reading the
     # original state instead of the one `forward` is given is a `KeyError`.
     recorders: dict[Any, _Recorder] = {}
-    layers: dict[Any, BatchNorm] = {}  # by the marker of the recorder's totals
-    paths: dict[Any, str] = {}  # where in `model`, likewise
+    # Each layer and where it is in `model`, by the marker of its recorder's totals.
+    layers: dict[Any, tuple[BatchNorm, str]] = {}
 
     def swap(path, leaf):
         # Every other stateful layer gets its current state as its initial one, so
@@ -986,8 +986,7 @@ def recompute_batch_norm_statistics(
             totals = _Totals(jnp.array(0), zeros[0].real, zeros[0].real, zeros, zeros)
             without_state = tree_at(lambda b: b._indices(), leaf, (None, None))
             recorders[marker] = _Recorder(without_state, StateIndex(totals))
-            layers[recorders[marker].totals.marker] = leaf
-            paths[recorders[marker].totals.marker] = f"`model{jtu.keystr(path)}`"
+            layers[recorders[marker].totals.marker] = (leaf, f"model{jtu.keystr(path)}")
         return recorders[marker]
 
     recording = jtu.tree_map_with_path(
@@ -999,21 +998,23 @@ def recompute_batch_norm_statistics(
         )
     ordered = _recorders(recording)
     totals = [cast(_Totals, x.totals.init) for x in ordered]
-    given = 0
-    for given, batch in enumerate(_batches(batches), 1):
+    seen = 0
+    for seen, batch in enumerate(_batches(batches), 1):
         outside_jit(batch)
         totals = _recompute_step(forward, recording, totals, batch)
-    if given == 0:
+    if seen == 0:
         raise ValueError(f"{name}(..., batches) got no batch.")
     uncalled = [
-        paths[x.totals.marker] for x, t in zip(ordered, totals) if int(t.calls) == 0
+        f"`{layers[x.totals.marker][1]}`"
+        for x, t in zip(ordered, totals)
+        if int(t.calls) == 0
     ]
     if uncalled:
         raise ValueError(
-            f"{name}: `forward` did not call the `BatchNorm` at {', '.join(uncalled)}, "
-            "or returned the state it was given instead of the new one. Pass as "
-            "`model` only the part of the model that `forward` calls, and return the "
-            "state that its call returns."
+            f"{name}: `forward` did not call the `BatchNorm`{'s' * (len(uncalled) > 1)} "
+            f"at {', '.join(uncalled)}, or returned the state it was given instead of "
+            "the one that its call of the model returns. Pass as `model` only the part "
+            "of the model that `forward` calls."
         )
     state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
     for recorder, total in zip(ordered, totals):
@@ -1022,7 +1023,7 @@ def recompute_batch_norm_statistics(
                 f"{name}: no batch had two or more valid values per channel, so the "
                 "variance is undefined."
             )
-        layer = layers[recorder.totals.marker]
+        layer, _ = layers[recorder.totals.marker]
         steps = jnp.array(_saturated_steps(float(np.float32(layer.momentum))))
         state = layer._store(state, steps, _Stats(total.mean, total.m2 / total.dof))
     return state
