@@ -1010,11 +1010,12 @@ def recompute_batch_norm_statistics(
         if int(t.calls) == 0
     ]
     if uncalled:
+        layers_named = "`BatchNorm`" + "s" * (len(uncalled) > 1)
         raise ValueError(
-            f"{name}: `forward` did not call the `BatchNorm`{'s' * (len(uncalled) > 1)} "
-            f"at {', '.join(uncalled)}, or returned the state it was given instead of "
-            "the one that its call of the model returns. Pass as `model` only the part "
-            "of the model that `forward` calls."
+            f"{name}: `forward` did not call the {layers_named} at "
+            f"{', '.join(uncalled)}, or returned the state it was given instead of the "
+            "one that its call of the model returns. Pass as `model` only the part of "
+            "the model that `forward` calls."
         )
     state = jtu.tree_map(lambda x: x, state)  # a copy: `State.set` spends its input
     for recorder, total in zip(ordered, totals):
