@@ -215,16 +215,16 @@ def peer_gaps(times) -> dict[str, tuple[float, float, float]]:
     peers in each round would favour the peers; the faster by another statistic
     would not be the faster by this one.) Empty without peers."""
     peers = [p for p in (FLAX_FAST, HAIKU) if p in times]
-    floor = times[TWO_PASS_FLOOR]
+    if not peers:
+        return {}
 
     def gap(values, peer):
-        rounds = zip(values, times[peer], floor, strict=True)
+        rounds = zip(values, times[peer], times[TWO_PASS_FLOOR], strict=True)
         return median_interval([(t - p) / f for t, p, f in rounds])
 
     return {
         name: max((gap(values, p) for p in peers), key=lambda g: g[0])
         for name, values in times.items()
-        if peers
     }
 
 

@@ -631,8 +631,8 @@ def test_bad_masks_are_refused_at_trace_time():
     for mask in (jnp.ones((4, 5), jnp.int32), jnp.ones((4, 2), bool)):
         with pytest.raises((ValueError, TypeError), match="mask"):
             jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
+    mask = jnp.ones((4, 3, 5), bool)  # with the channel axis
     with pytest.raises(ValueError, match="without its channel axis"):
-        mask = jnp.ones((4, 3, 5), bool)
         jax.eval_shape(lambda x, mask: run(layer, x, state, mask=mask), x, mask)
 
 

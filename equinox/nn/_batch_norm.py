@@ -137,9 +137,9 @@ def _resolve_options(approach: Approach, **given: Any) -> dict[str, Any]:
     bounds = (("r_max", 1, math.inf), ("d_max", 0, math.inf), ("warmup", 0, 2**31))
     for name, lower, upper in bounds:
         if name in options and not lower <= options[name] < upper:
-            below = "finite" if upper == math.inf else f"below {upper}"
+            bound = "finite" if upper == math.inf else f"below {upper}"
             raise ValueError(
-                f"`BatchNorm({name}=...)` must be {below} and at least {lower}, but "
+                f"`BatchNorm({name}=...)` must be {bound} and at least {lower}, but "
                 f"got {options[name]!r}."
             )
     return options
