@@ -15,7 +15,7 @@ By default every workload runs on scikit-learn's bundled 8x8 digits (no download
 `--mnist DIR` runs the image workloads on MNIST's idx files instead (the 10k test
 split: 8000 train / 2000 held out).
 
-    python benchmarks/suite.py                   # ~10 minutes on 2 CPU cores
+    python benchmarks/suite.py                   # ~13 minutes on 2 CPU cores
     python benchmarks/suite.py --mnist ../shared/data/mnist --out results-mnist
 
 It prints a progress line per run and a summary with the recommendation, and writes
